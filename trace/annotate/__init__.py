@@ -1,0 +1,27 @@
+"""Span annotation for TRACE (paper §2, step 2): contract, backends, cache, token offsets.
+
+Typical use per training step::
+
+    results = annotator.annotate([AnnotationRequest(problem, reference, text, is_correct, offsets), ...])
+    results[i].token_mask      # capped per-token mask (K for correct, E for incorrect rollouts)
+    results[i].teacher_prefix  # private context for the teacher, None -> plain GRPO for that rollout
+    annotator.last_call_stats.as_dict()   # counters to log
+"""
+from .backends import (AnnotationRequest, AnnotationResult, AnnotationStats, Annotator, CallableAnnotator,
+                       Completion, PromptedAnnotator)
+from .cache import ReplyCache, cache_key
+from .contract import (DEFAULT_ALPHA, ERROR_LABELS, KEY_LABELS, LABELS, PROMPT_VERSION, ParseResult, ParseStatus,
+                       Segment, build_annotation_prompt, build_token_mask, cap_coverage, label_to_teacher_prefix,
+                       labels_for, parse_annotation, segment_response, spans_to_token_mask)
+from .factory import build_annotator
+from .http import HttpAnnotator, HttpAnnotatorConfig, MissingApiKeyError
+from .offsets import completion_text_and_offsets
+
+__all__ = [
+    "AnnotationRequest", "AnnotationResult", "AnnotationStats", "Annotator", "CallableAnnotator", "Completion",
+    "PromptedAnnotator", "ReplyCache", "cache_key", "DEFAULT_ALPHA", "ERROR_LABELS", "KEY_LABELS", "LABELS",
+    "PROMPT_VERSION", "ParseResult", "ParseStatus", "Segment", "build_annotation_prompt", "build_token_mask",
+    "cap_coverage", "label_to_teacher_prefix", "labels_for", "parse_annotation", "segment_response",
+    "spans_to_token_mask", "build_annotator", "HttpAnnotator", "HttpAnnotatorConfig", "MissingApiKeyError",
+    "completion_text_and_offsets",
+]
