@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny toy world (data, tokenizer, model) built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+TINY_SIZE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    from trace.toy.world import write_toy_data
+
+    out = tmp_path_factory.mktemp("toy_data")
+    write_toy_data({"seed": 0, "n_train": 200, "n_sft_choice": 20, "n_val": 8, "n_test": 8}, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(toy_data, tmp_path_factory) -> Path:
+    """A tiny Qwen3 'base' after a few SFT steps: real weights on disk, loaded like any HF model."""
+    import torch
+
+    from trace.toy.world import build_toy_base
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("tiny_base")
+    build_toy_base({"size": TINY_SIZE, "seed": 0, "thinking": False, "tokenizer_vocab": 400,
+                    "sft": {"steps": 300, "batch_size": 16, "lr": 1e-2, "warmup": 2, "weight_decay": 0.0}},
+                   toy_data, out)
+    return out

@@ -1,0 +1,41 @@
+"""The toy task: reference solutions are correct under the project's verifier; the oracle is exact."""
+import json
+
+from trace.toy import task
+from trace.verify import grade_many
+
+
+def test_every_reference_solution_grades_correct(toy_data):
+    for split in ["train", "sft", "val", *task.TEST_SPLITS, task.OOD_SPLIT]:
+        records = [json.loads(line) for line in (toy_data / f"{split}.jsonl").read_text().splitlines()]
+        assert records, split
+        grades = grade_many([r["solution"] for r in records], [r["answer"] for r in records],
+                            [r["kind"] for r in records])
+        assert all(grades), f"{split}: {grades.count(False)} reference solutions graded wrong"
+
+
+def test_splits_have_the_documented_shape(toy_data):
+    manifest = json.loads((toy_data / "manifest.json").read_text())
+    assert manifest["train"] == 200 and manifest["sft"] == 220 and manifest["arith_5op"] == 8
+    ood = [json.loads(line) for line in (toy_data / "choice_ood.jsonl").read_text().splitlines()]
+    assert all(r["kind"] == "mc" and r["answer"] in "ABCD" and len(r["choices"]) == 4 for r in ood)
+    five_ops = [json.loads(line) for line in (toy_data / "arith_5op.jsonl").read_text().splitlines()]
+    assert all(r["solution"].count("Step ") == 5 for r in five_ops)
+
+
+def test_wrong_answers_grade_wrong():
+    record = task.make_split("arith_2op", 1, 0, (2, 2))[0]
+    wrong = record["solution"].replace(f"\\boxed{{{record['answer']}}}", f"\\boxed{{{int(record['answer']) + 1}}}")
+    assert grade_many([wrong], [record["answer"]], ["math"]) == [False]
+
+
+def test_oracle_marks_multiplications_and_first_wrong_step():
+    reference = "Step 1: 4 + 3 = 7\nStep 2: 7 * 2 = 14\nStep 3: 14 - 5 = 9\nThe answer is \\boxed{9}."
+    verdict = task.oracle_spans(reference, reference, is_correct=True)
+    assert verdict.lines == (1,) and verdict.label == "decisive_computation"
+    slip = "Step 1: 4 + 3 = 7\nStep 2: 7 * 2 = 15\nStep 3: 15 - 5 = 10\nThe answer is \\boxed{10}."
+    assert task.oracle_spans(reference, slip, is_correct=False) == task.OracleVerdict((1,), "arithmetic_slip")
+    misread = "Step 1: 4 + 8 = 12\nStep 2: 12 * 2 = 24\nThe answer is \\boxed{24}."
+    assert task.oracle_spans(reference, misread, False) == task.OracleVerdict((0,), "misread_problem")
+    short = "Step 1: 4 + 3 = 7\nThe answer is \\boxed{7}."
+    assert task.oracle_spans(reference, short, False) == task.OracleVerdict((1,), "incomplete_solution")

@@ -1,0 +1,98 @@
+"""Aggregate per-run results into tidy CSVs, then draw every table and figure from those CSVs only.
+
+    results/eval/<model>/<policy>/<benchmark>.json      -> results/aggregate/evals.csv
+    results/train/<model>/<method>/seed<s>/metrics.jsonl -> results/aggregate/training_curves.csv
+    aggregate CSVs -> results/tables/*.md|csv, results/figures/*.png   (no GPU, no model)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+CURVE_COLUMNS = ("reward_mean", "entropy", "response_length", "lambda", "grad_norm", "span_coverage")
+
+
+def _policy_method_seed(policy: str) -> tuple[str, int | None]:
+    if policy == "base":
+        return "base", None
+    method, seed = policy.rsplit("-seed", 1)
+    return method, int(seed)
+
+
+def aggregate(cfg: dict, results: Path, out_dir: Path) -> None:
+    benchmarks = cfg["benchmarks"]
+    eval_rows = []
+    for path in sorted((results / "eval").glob("*/*/*.json")):
+        model, policy, benchmark = path.parts[-3], path.parts[-2], path.stem
+        if benchmark not in benchmarks:
+            continue
+        result = json.loads(path.read_text())
+        method, seed = _policy_method_seed(policy)
+        low, high = result["ci95_avg_at_k"]
+        eval_rows.append({"model": model, "method": method, "seed": seed, "benchmark": benchmark,
+                          "column": benchmarks[benchmark], "k": result["k"], "n_problems": result["n_problems"],
+                          "avg_at_k": 100 * result["avg_at_k"], "ci_low": 100 * low, "ci_high": 100 * high,
+                          "pass_at_1": 100 * result["pass_at_k"]["1"]})
+    if not eval_rows:
+        raise FileNotFoundError(f"no evaluation results under {results / 'eval'} for benchmarks {list(benchmarks)}")
+    curve_rows = []
+    for path in sorted((results / "train").glob("*/*/seed*/metrics.jsonl")):
+        model, method, seed = path.parts[-4], path.parts[-3], int(path.parts[-2].removeprefix("seed"))
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                curve_rows.append({"model": model, "method": method, "seed": seed, "step": row["step"],
+                                   **{c: row.get(c) for c in CURVE_COLUMNS}})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(eval_rows).to_csv(out_dir / "evals.csv", index=False)
+    pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *CURVE_COLUMNS]).to_csv(
+        out_dir / "training_curves.csv", index=False)
+
+
+def main_table(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Table 2's shape: rows (model, method), columns the paper's benchmarks + AVG (mean over seeds)."""
+    cells = evals.groupby(["model", "method", "column"])["avg_at_k"].mean().unstack("column")
+    cells = cells.reindex(columns=columns)
+    cells["AVG"] = cells[columns].mean(axis=1)  # unweighted mean of the benchmark columns, as in the paper
+    order = {"base": 0, "grpo": 1}
+    return cells.sort_index(key=lambda idx: idx.map(lambda v: (order.get(v, 2), v)) if idx.name == "method" else idx)
+
+
+def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = pd.read_csv(aggregate_dir / "evals.csv")
+    curves = pd.read_csv(aggregate_dir / "training_curves.csv")
+    columns = list(dict.fromkeys(cfg["benchmarks"].values()))
+    table = main_table(evals, columns).round(2)
+    tables, figures = out_dir / "tables", out_dir / "figures"
+    tables.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    table.to_csv(tables / "main_results.csv")
+    k = int(evals["k"].iloc[0])
+    header = (f"Main results (avg@{k}, %; benchmark columns are the paper's, filled by this study's "
+              f"benchmarks: {', '.join(f'{b} → {c}' for b, c in cfg['benchmarks'].items())})\n\n")
+    (tables / "main_results.md").write_text(header + table.reset_index().to_markdown(index=False) + "\n")
+
+    panels = [("reward_mean", "training reward"), ("entropy", "per-token entropy (nats)"),
+              ("response_length", "response length (tokens)")]
+    models = sorted(curves["model"].unique()) or ["(none)"]
+    fig, axes = plt.subplots(len(models), len(panels), figsize=(4 * len(panels), 3 * len(models)), squeeze=False)
+    for r, model in enumerate(models):
+        for c, (column, title) in enumerate(panels):
+            ax = axes[r][c]
+            for method, group in curves[curves["model"] == model].groupby("method"):
+                mean = group.groupby("step")[column].mean()
+                ax.plot(mean.index, mean.ewm(alpha=0.15).mean(), label=method)  # EMA smoothing as in Fig. 1a
+            ax.set_title(f"{model}: {title}", fontsize=9)
+            ax.set_xlabel("step")
+            if r == 0 and c == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "training_curves.png", dpi=120)
+    plt.close(fig)

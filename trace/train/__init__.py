@@ -1,0 +1,1 @@
+"""RL training: rollouts, log-probs, checkpoints and the GRPO/TRACE training loop."""
