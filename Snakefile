@@ -11,7 +11,7 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-configfile: "config.yaml"
+configfile: os.path.join(workflow.basedir, "config.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 REPO = Path(workflow.basedir).resolve()
