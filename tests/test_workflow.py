@@ -35,3 +35,28 @@ def test_invalid_config_names_the_offending_key(tmp_path):
     result = snakemake("-n", "--cores", "1", "--config", "methods=[grpo,not_a_method]", workdir=tmp_path)
     assert result.returncode != 0
     assert "not_a_method" in result.stdout + result.stderr
+
+
+def test_real_data_rules_prepare_the_five_benchmarks_offline(tmp_path):
+    import json
+
+    import pytest
+
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} (the benchmark mirror) is not beside the repo")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(json.dumps({"real_data": {
+        "mirror_dir": str(SHARED_DATA), "gpqa_seed": 0, "train_source": "mirror", "train_max_rows": 200,
+        "val_rows": 20, "seed": 0, "eval_sets": ["math500", "aime24", "aime25", "amc23", "gpqa_diamond"]}}))
+    result = snakemake("--cores", "1", "real_data", "--configfile", str(overlay), workdir=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    real = tmp_path / "results" / "data" / "real"
+    rows = {name: len((real / f"{name}.jsonl").read_text().splitlines())
+            for name in ["math500", "aime24", "aime25", "amc23", "gpqa_diamond"]}
+    assert rows == {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "gpqa_diamond": 198}
+    manifest = json.loads((real / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {f"{name}.jsonl" for name in rows}
+    assert len((real / "train" / "train.jsonl").read_text().splitlines()) == 200
+    assert len((real / "train" / "val.jsonl").read_text().splitlines()) == 20
