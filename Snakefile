@@ -5,6 +5,7 @@
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
@@ -21,7 +22,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-PYTHON = os.environ.get("TRACE_PYTHON", "python")
+PYTHON = os.environ.get("TRACE_PYTHON", sys.executable)  # the venv that runs snakemake runs the jobs
 
 
 def as_arg(settings) -> str:
