@@ -74,6 +74,12 @@ def cmd_report(args, cfg):
     write_tables_and_figures(cfg, Path(args.aggregate_dir), Path(args.out_dir))
 
 
+def cmd_bench(args, cfg):
+    from trace.bench import run_from_args
+
+    run_from_args(args)
+
+
 STAGES = {
     "toy-data": (cmd_toy_data, ["--out-dir"]),
     "toy-base": (cmd_toy_base, ["--data-dir", "--out-dir"]),
@@ -94,6 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         stage.add_argument("--cfg", default="{}", help="the stage's settings as JSON (built by the Snakefile)")
         for option in options:
             stage.add_argument(option, required=True)
+    from trace.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="memory and time: routed vs all-token KL, TRACE vs GRPO step loss phase")
+    add_bench_arguments(bench)
+    bench.set_defaults(cfg="{}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     except json.JSONDecodeError as exc:
         parser.error(f"--cfg is not valid JSON: {exc}")
     _threads_from_env()
-    handler = STAGES[args.stage][0]
+    handler = STAGES[args.stage][0] if args.stage in STAGES else cmd_bench
     try:
         handler(args, cfg)
     except (FileNotFoundError, ValueError, KeyError) as exc:

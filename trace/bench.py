@@ -1,0 +1,632 @@
+"""``python -m trace bench``: what routing the KL to α·|y| positions saves, in memory and time.
+
+Two comparisons, each variant on the same seeded inputs, forward + backward:
+
+(a) the KL loss alone (Eq. 1's key branch, FKL with the per-entry clip, trace.losses.span_branch):
+      naive all-token    full [B, T, V] float32 logits for student and teacher (what public code does),
+                         then trace.losses.routed_divergence at every completion position
+      chunked all-token  trace.losses.chunked_divergence at every completion position (as the trainer)
+      routed α           trace.losses.chunked_divergence at floor(α·|y|) positions per rollout only
+(b) the loss phase of one optimizer step, i.e. ``Trainer._micro_batch_loss`` of the real trainer on a
+    Qwen3-architecture model with a V-token vocabulary:
+      GRPO               student forward, clipped surrogate on all tokens, backward
+      TRACE-FKL α        + teacher forward under the label prompt (no grad), FKL on the routed key tokens
+    Rollout generation is excluded: both score the same fixed synthetic rollouts.
+
+Memory is measured per variant in a fresh subprocess (``--in-process`` runs them all here instead):
+on CPU the peak resident set during the measured call minus the resident set right before it (the
+kernel's high-water mark VmHWM, i.e. the process's own ru_maxrss, is reset just before the call via
+/proc/self/clear_refs); on CUDA torch.cuda.max_memory_allocated() after reset_peak_memory_stats()
+minus memory_allocated() before the call.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QWEN3_VOCAB = 151936
+MIB = 2 ** 20
+
+KL_VARIANTS = ("kl_naive_all", "kl_chunked_all", "kl_routed")
+STEP_VARIANTS = ("step_grpo", "step_trace")
+LABELS = {
+    "kl_naive_all": "naive all-token (full [B,T,V] fp32 logits)",
+    "kl_chunked_all": "chunked all-token",
+    "kl_routed": "routed α={alpha:g} (chunked)",
+    "step_grpo": "GRPO (student fwd, surrogate, bwd)",
+    "step_trace": "TRACE-FKL α={alpha:g} (+ teacher fwd, routed FKL)",
+}
+# The synthetic task the rollouts answer; the teacher sees the same prompt plus a private label hint.
+RECORD = {"problem": "A bag holds 3 red and 5 blue marbles. Two are drawn without replacement. "
+                     "What is the probability that both are red?", "answer": "3/28", "kind": "math"}
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench subcommand's options (trace.cli adds them to its parser)."""
+    a = parser.add_argument
+    a("--vocab", type=int, default=32768, help=f"vocabulary size V (Qwen3: {QWEN3_VOCAB})")
+    a("--length", type=int, default=2048, help="completion length T (every rollout is this long)")
+    a("--batch", type=int, default=2, help="rollouts B in the micro-batch")
+    a("--alpha", type=float, default=0.25, help="routed fraction: floor(α·T) key positions per rollout")
+    a("--hidden", type=int, default=256, help="hidden size d of the benchmark model")
+    a("--layers", type=int, default=2, help="transformer layers of the benchmark model (part b)")
+    a("--chunk", type=int, default=None, help="positions per vocabulary chunk (default: config logprob_chunk)")
+    a("--device", default="cpu", help="cpu | cuda")
+    a("--dtype", default="float32", help="float32 | bfloat16 (model weights and hidden states)")
+    a("--seed", type=int, default=0)
+    a("--warmup", type=int, default=None, help="untimed runs before measuring (default: 0 on CPU, 1 on CUDA)")
+    a("--repeats", type=int, default=None, help="timed runs, the median is reported (default: 1 CPU, 3 CUDA)")
+    a("--no-naive", action="store_true", help="skip the naive full-logits row (it needs ~9·B·T·V·4 bytes)")
+    a("--parts", default="a,b", help="a (KL loss), b (step loss phase) or a,b")
+    a("--in-process", action="store_true",
+      help="run every variant in this process (faster; CPU memory then shares one allocator)")
+    a("--out", default=None, help="also write the JSON result to this file")
+
+
+def settings_from_args(args) -> dict:
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"a", "b"}:
+        raise ValueError(f"--parts must be a, b or a,b; got {args.parts!r}")
+    if not 0.0 < args.alpha <= 1.0:
+        raise ValueError(f"--alpha must be in (0, 1], got {args.alpha}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    for name in ("vocab", "length", "batch", "hidden", "layers"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be ≥ 1")
+    train_cfg = load_train_config()
+    cuda = args.device.startswith("cuda")
+    variants = []
+    if "a" in parts:
+        variants += [v for v in KL_VARIANTS if not (args.no_naive and v == "kl_naive_all")]
+    if "b" in parts:
+        variants += list(STEP_VARIANTS)
+    return {
+        "vocab": args.vocab, "length": args.length, "batch": args.batch, "alpha": args.alpha,
+        "hidden": args.hidden, "layers": args.layers, "heads": max(1, args.hidden // 64),
+        "chunk": args.chunk or train_cfg["logprob_chunk"], "device": args.device, "dtype": args.dtype,
+        "seed": args.seed, "warmup": args.warmup if args.warmup is not None else (1 if cuda else 0),
+        "repeats": args.repeats if args.repeats is not None else (3 if cuda else 1),
+        "in_process": bool(args.in_process), "variants": variants, "train_cfg": train_cfg,
+    }
+
+
+def load_train_config() -> dict:
+    """The trainer's settings (config.yaml ``train``): chunk size, clip, temperature, λ schedule, …"""
+    import yaml
+
+    path = REPO_ROOT / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the bench takes the trainer's settings from it")
+    return yaml.safe_load(path.read_text())["train"]
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM) to the current RSS (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _ru_maxrss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class PeakMemory:
+    """Peak memory of one measured call, above what was held right before it."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+        self.method = ("torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() "
+                       "right before the call" if self.cuda else None)
+
+    def start(self) -> None:
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+            self.baseline = self.torch.cuda.memory_allocated()
+            return
+        self.reset = _reset_peak_rss()
+        self.baseline = _proc_status_bytes("VmRSS") or _ru_maxrss_bytes()
+        if self.reset and _proc_status_bytes("VmHWM") is not None:
+            self.method = ("peak RSS during the call (VmHWM = the process's own ru_maxrss, reset just before via "
+                           "/proc/self/clear_refs) minus RSS right before it")
+        else:  # no reset possible: the lifetime peak; a lower peak than the setup's is not seen
+            self.method = "ru_maxrss after the call minus RSS right before it (no peak reset: an upper bound)"
+
+    def stop(self) -> dict:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            peak = self.torch.cuda.max_memory_allocated()
+        else:
+            hwm = _proc_status_bytes("VmHWM") if self.reset else None
+            peak = hwm if hwm is not None else _ru_maxrss_bytes()
+        return {"peak_delta_mib": round(max(0, peak - self.baseline) / MIB, 1), "peak_abs_mib": round(peak / MIB, 1),
+                "baseline_mib": round(self.baseline / MIB, 1), "memory_method": self.method}
+
+
+def measure(fn, device, warmup: int, repeats: int, reset) -> dict:
+    """Time `fn` (median of `repeats` after `warmup` runs) and its peak memory (over the timed runs)."""
+    import torch
+
+    for _ in range(warmup):
+        reset()
+        fn()
+    reset()
+    memory = PeakMemory(device)
+    memory.start()
+    times, result = [], None
+    for i in range(repeats):
+        if i:
+            reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    row = memory.stop()
+    row.update(time_s=round(statistics.median(times), 4), times_s=[round(t, 4) for t in times])
+    return row, result
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the KL loss alone
+# ---------------------------------------------------------------------------------------------
+
+
+def routed_key_mask(mask, alpha: float, seed: int):
+    """floor(α·|y|) random key positions per rollout: the router's 'random' strategy with every routed
+    token a key token, i.e. TRACE-FKL with the coverage cap filled on every rollout (its upper bound).
+    """
+    import torch
+
+    from trace.router import build_routed_masks
+
+    correct = torch.ones(mask.shape[0], dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed * 100_003 + 1)
+    return build_routed_masks("random", mask.cpu(), correct, alpha=alpha, generator=generator,
+                              route_by="key").key.to(mask.device)
+
+
+def kl_inputs(s: dict, device, dtype) -> dict:
+    """Seeded student / teacher final hidden states [B, T, d] and lm-head weights [V, d] (a separate
+    teacher copy, as the trainer's synced teacher), the completion mask and the routed key mask."""
+    import torch
+
+    g = torch.Generator().manual_seed(s["seed"])
+    B, T, V, d = s["batch"], s["length"], s["vocab"], s["hidden"]
+    hidden = torch.randn(B, T, d, generator=g)
+    teacher_hidden = hidden + 0.5 * torch.randn(B, T, d, generator=g)  # the teacher sees another prompt
+    weight = 0.02 * torch.randn(V, d, generator=g) * math.sqrt(256 / d)  # logits of std ≈ 0.3
+    teacher_weight = weight + 0.002 * torch.randn(V, d, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    routed = routed_key_mask(mask, s["alpha"], s["seed"])
+
+    def put(x, grad=False):
+        return x.to(device=device, dtype=dtype).requires_grad_(grad)
+
+    return {"hidden": put(hidden, True), "teacher_hidden": put(teacher_hidden), "weight": put(weight, True),
+            "teacher_weight": put(teacher_weight), "mask": mask.to(device), "routed": routed.to(device)}
+
+
+def kl_loss(variant: str, x: dict, train_cfg: dict, chunk: int) -> dict:
+    """Forward + backward of the KL branch of Eq. 1 (FKL on key tokens), one way of computing it."""
+    import torch
+    import torch.nn.functional as F
+
+    from trace import losses
+
+    kl = train_cfg["kl"]
+    opts = dict(top_k=kl["top_k"], tail_bucket=kl["tail_bucket"], entry_clip=kl["entry_clip"],
+                temperature=train_cfg["sampling"]["temperature"])
+    mask = x["mask"]
+    if variant == "kl_naive_all":
+        where = mask
+        student_logits = F.linear(x["hidden"], x["weight"]).float()  # [B, T, V]
+        with torch.no_grad():
+            teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"]).float()  # [B, T, V]
+        per_token = losses.routed_divergence(student_logits, teacher_logits, "fkl", **opts)  # [B, T]
+    else:
+        where = mask if variant == "kl_chunked_all" else x["routed"]
+        values = losses.chunked_divergence(x["hidden"][where], x["teacher_hidden"][where], x["weight"], "fkl",
+                                           chunk_size=chunk, teacher_lm_head_weight=x["teacher_weight"], **opts)
+        per_token = losses.tokens_from_positions(values, where)
+    loss = losses.span_branch(per_token, where, where, mask)  # mean over K per rollout × |K|/|y|, / B
+    loss.backward()
+    with torch.no_grad():  # the same KL, restricted to the routed positions (equals the routed loss)
+        on_routed = losses.span_branch(per_token.detach().float(), x["routed"], x["routed"], mask)
+    return {"kl_positions": int(where.sum()), "loss": float(loss.detach()),
+            "loss_on_routed_positions": float(on_routed),
+            "grad_norm_weight": float(x["weight"].grad.float().norm())}
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) the loss phase of a training step, through the real trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def key_label_prefix() -> str:
+    """The teacher's private context for a key span: the annotator contract's hint for a key label."""
+    from trace.annotate.contract import KEY_LABELS, label_to_teacher_prefix
+
+    return label_to_teacher_prefix(next(iter(KEY_LABELS)))
+
+
+class _RoutedByBench:
+    """Stands in for the span annotator: the bench hands the trainer its routed masks directly."""
+
+    def annotate(self, requests):
+        raise RuntimeError("the bench supplies routed masks; the annotator is never called")
+
+
+def build_bench_model(s: dict, out_dir: Path) -> Path:
+    """A random Qwen3-architecture model with a V-token vocabulary, saved like any HF model.
+
+    The tokenizer (trace.toy.model.train_tokenizer) only has to encode the prompts, so it is small;
+    the model's vocabulary is then grown to V (completion ids are drawn from all V ids, nothing
+    decodes them).
+    """
+    from trace.prompting import render_prompt
+    from trace.toy.model import build_model, train_tokenizer
+
+    corpus = [RECORD["problem"], key_label_prefix(), "Please reason step by step, and put your final answer "
+              "within \\boxed{}.", "system user assistant think"] * 4
+    tokenizer = train_tokenizer(corpus, 400, out_dir)
+    d, heads = s["hidden"], s["heads"]
+    teacher_text = render_prompt(tokenizer, RECORD, False, system_prefix=key_label_prefix())
+    prompt_len = len(tokenizer(teacher_text, add_special_tokens=False)["input_ids"])
+    size = {"hidden_size": d, "intermediate_size": 3 * d, "num_layers": s["layers"], "num_heads": heads,
+            "num_kv_heads": max(1, heads // 2), "max_positions": prompt_len + s["length"] + 8}
+    model = build_model(tokenizer, size, s["seed"])
+    if s["vocab"] < len(tokenizer):
+        raise ValueError(f"--vocab must be ≥ the prompt tokenizer's {len(tokenizer)} tokens")
+    model.resize_token_embeddings(s["vocab"], mean_resizing=False)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def trainer_config(s: dict, method: str) -> dict:
+    import copy
+
+    cfg = copy.deepcopy(s["train_cfg"])
+    cfg.update(method=method, seed=s["seed"], device=s["device"], dtype=s["dtype"], thinking=False,
+               batch_prompts=1, group_size=s["batch"], micro_batch_size=s["batch"], logprob_chunk=s["chunk"])
+    cfg["sampling"] = dict(cfg["sampling"], max_new_tokens=s["length"])
+    cfg["kl"] = dict(cfg["kl"], alpha=s["alpha"])
+    return cfg
+
+
+def step_setup(s: dict, method: str, model_dir: Path, work: Path):
+    """A Trainer on the bench model and the arguments train_step would pass to _micro_batch_loss."""
+    import torch
+
+    from trace import losses
+    from trace.prompting import render_prompt
+    from trace.router import RoutedMasks
+    from trace.train.rollout import RolloutBatch
+    from trace.train.teacher import teacher_prompt
+    from trace.train.trainer import Trainer
+
+    train_path = work / "train.jsonl"
+    train_path.write_text(json.dumps(RECORD) + "\n")
+    trainer = Trainer(trainer_config(s, method), model_dir, train_path, work / f"run_{method}",
+                      annotator=_RoutedByBench())
+    dev, tok, B, T = trainer.device, trainer.tokenizer, s["batch"], s["length"]
+    enc = tok([render_prompt(tok, RECORD, False)] * B, return_tensors="pt", padding=True,
+              add_special_tokens=False, padding_side="left")
+    g = torch.Generator().manual_seed(s["seed"])
+    completion_ids = torch.randint(0, s["vocab"], (B, T), generator=g)
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    rollouts = RolloutBatch(enc["input_ids"].to(dev), enc["attention_mask"].to(dev), completion_ids.to(dev),
+                            completion_mask.to(dev), texts=[""] * B)
+    correct = (torch.arange(B) % 2 == 0).to(dev)  # half right: a group with reward variance
+    advantages = losses.ADVANTAGE_ESTIMATORS[trainer.cfg["advantage"]](correct.float(), B)
+    mask = completion_mask.bool().to(dev)
+    counts = losses.count_normalizers(mask)
+    agg = dict(agg_mode=trainer.cfg["agg_mode"], global_tokens=counts["global_tokens"],
+               global_seqs=counts["global_seqs"], max_len=T)
+    step, lam = 0, trainer.schedule(0)
+    routed = teacher_prompts = None
+    if trainer.teacher is not None:
+        key = routed_key_mask(mask, s["alpha"], s["seed"])
+        routed = RoutedMasks.from_spans(mask, key, torch.zeros_like(key))
+        teacher_prompts = [teacher_prompt(tok, RECORD, trainer.method.teacher_context, key_label_prefix(), False)] * B
+    trainer.policy.train()
+    call = dict(rows=list(range(B)), rollouts=rollouts, advantages=advantages, correct=correct, routed=routed,
+                teacher_prompts=teacher_prompts, lam=lam, step=step, agg=agg, srpo_weight_mean=None)
+    return trainer, call
+
+
+# ---------------------------------------------------------------------------------------------
+# one variant (in a worker subprocess, or here)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_variant(s: dict, variant: str, model_dir: Path | None, work: Path) -> dict:
+    import torch
+
+    from trace.cli import _threads_from_env
+
+    _threads_from_env()
+    device, dtype = torch.device(s["device"]), getattr(torch, s["dtype"])
+    torch.manual_seed(s["seed"])
+    if variant in KL_VARIANTS:
+        x = kl_inputs(s, device, dtype)
+
+        def reset():
+            x["hidden"].grad = x["weight"].grad = None
+
+        row, out = measure(lambda: kl_loss(variant, x, s["train_cfg"], s["chunk"]), device,
+                           s["warmup"], s["repeats"], reset)
+        row.update(out)
+    else:
+        method = "grpo" if variant == "step_grpo" else "trace_fkl"
+        trainer, call = step_setup(s, method, model_dir, work)
+
+        def reset():
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+        row, metrics = measure(lambda: trainer._micro_batch_loss(**call), device, s["warmup"], s["repeats"], reset)
+        routed = call["routed"]
+        row.update(kl_positions=int(routed.key.sum()) if routed is not None else 0, loss=metrics["loss"],
+                   lam=call["lam"], kl_key_branch=metrics.get("kl/kl_key_branch"),
+                   grad_norm=float(torch.nn.utils.get_total_norm(
+                       [p.grad for p in trainer.policy.parameters() if p.grad is not None])))
+    row.update(variant=variant, threads=torch.get_num_threads(), device=str(device))
+    return row
+
+
+def _worker(spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    model_dir = Path(spec["model_dir"]) if spec["model_dir"] else None
+    row = run_variant(spec["settings"], spec["variant"], model_dir, Path(spec["work"]))
+    Path(result_path).write_text(json.dumps(row))
+
+
+def _run_in_subprocess(s: dict, variant: str, model_dir: Path | None, work: Path) -> dict:
+    spec_path, result_path = work / f"{variant}.spec.json", work / f"{variant}.result.json"
+    spec_path.write_text(json.dumps({"settings": s, "variant": variant, "work": str(work),
+                                     "model_dir": str(model_dir) if model_dir else None}))
+    result_path.unlink(missing_ok=True)
+    path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.run([sys.executable, "-m", "trace.bench", "--worker", str(spec_path), str(result_path)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not result_path.exists():
+        why = "killed (out of memory?)" if proc.returncode < 0 else f"exit {proc.returncode}"
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"variant": variant, "error": f"{why}: {' | '.join(tail)}"}
+    return json.loads(result_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole bench
+# ---------------------------------------------------------------------------------------------
+
+
+def run_bench(s: dict) -> dict:
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="trace_bench_") as tmp:
+        work = Path(tmp)
+        model_dir = None
+        if any(v in STEP_VARIANTS for v in s["variants"]):
+            model_dir = build_bench_model(s, work / "model")
+        bar = tqdm(s["variants"], desc="bench", unit="variant", file=sys.stderr)
+        for variant in bar:
+            bar.set_postfix_str(variant)
+            t0 = time.perf_counter()
+            skip = _naive_does_not_fit(s) if variant == "kl_naive_all" else None
+            if skip:
+                row = {"variant": variant, "error": skip}
+            elif s["in_process"]:
+                try:
+                    row = run_variant(s, variant, model_dir, work)
+                except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+                    row = {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
+            else:
+                row = _run_in_subprocess(s, variant, model_dir, work)
+            row["label"] = LABELS[variant].format(alpha=s["alpha"])
+            rows[variant] = row
+            if "error" in row:
+                log.warning("bench %-15s FAILED after %.1fs: %s", variant, time.perf_counter() - t0, row["error"])
+            else:
+                log.info("bench %-15s %8.3fs  peak +%8.1f MiB  (%d KL positions, loss %.6g; %.1fs with setup)",
+                         variant, row["time_s"], row["peak_delta_mib"], row["kl_positions"], row["loss"],
+                         time.perf_counter() - t0)
+    return summarize(s, rows, time.perf_counter() - started)
+
+
+NAIVE_LOGITS_COPIES = 9  # measured: the naive loss holds ~9 [B, T, V] float32 tensors at its peak
+
+
+def _naive_does_not_fit(s: dict) -> str | None:
+    """On CPU, skip the naive row rather than let it push a shared machine into the OOM killer."""
+    if s["device"] != "cpu":
+        return None  # CUDA raises OutOfMemoryError, which the row reports
+    need = NAIVE_LOGITS_COPIES * s["batch"] * s["length"] * s["vocab"] * 4
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    if available is not None and need > 0.8 * available:
+        return (f"skipped: needs ~{need / 2**30:.1f} GiB (~{NAIVE_LOGITS_COPIES} full [B,T,V] fp32 tensors), "
+                f"{available / 2**30:.1f} GiB available (--no-naive to drop the row)")
+    return None
+
+
+def _ratio(num: dict | None, den: dict | None, key: str) -> float | None:
+    if not num or not den or "error" in num or "error" in den or not den.get(key):
+        return None
+    return round(num[key] / den[key], 3)
+
+
+def summarize(s: dict, rows: dict, wall_s: float) -> dict:
+    import torch
+
+    ok = {k: v for k, v in rows.items() if "error" not in v}
+    methods = {v["memory_method"] for v in ok.values()}
+    ratios = {}
+    for ref in ("kl_chunked_all", "kl_naive_all"):
+        for key, name in (("time_s", "time"), ("peak_delta_mib", "peak_memory")):
+            ratios[f"routed/{ref.removeprefix('kl_')}_{name}"] = _ratio(rows.get("kl_routed"), rows.get(ref), key)
+    for key, name in (("time_s", "time"), ("peak_delta_mib", "peak_memory")):
+        ratios[f"trace/grpo_step_{name}"] = _ratio(rows.get("step_trace"), rows.get("step_grpo"), key)
+    checks = {}
+    if "kl_routed" in ok:
+        for ref in ("kl_chunked_all", "kl_naive_all"):
+            if ref in ok:
+                checks[f"routed_loss_minus_{ref.removeprefix('kl_')}_restricted"] = (
+                    ok["kl_routed"]["loss"] - ok[ref]["loss_on_routed_positions"])
+    if "kl_chunked_all" in ok and "kl_naive_all" in ok:
+        checks["chunked_minus_naive_all_token_loss"] = ok["kl_chunked_all"]["loss"] - ok["kl_naive_all"]["loss"]
+    notes = [
+        "Rollout generation is excluded: GRPO and TRACE score the same fixed synthetic rollouts "
+        f"({s['batch']} random completions of {s['length']} tokens, seeded).",
+        f"Routed = floor(α·|y|) = {math.floor(s['alpha'] * s['length'] + 1e-9)} random key positions per rollout "
+        "(the coverage cap filled on every rollout: TRACE's upper bound).",
+        "Part (b) is Trainer._micro_batch_loss (the loss phase of train_step), not the optimizer step; "
+        "model weights (student, and the teacher copy for TRACE) are in the baseline, not the peak delta.",
+    ]
+    n_routed = s["batch"] * math.floor(s["alpha"] * s["length"] + 1e-9)
+    if n_routed >= s["chunk"]:
+        notes.append(
+            f"The chunked KL's peak memory is set by one chunk ({s['chunk']} positions × V logits, student and "
+            f"teacher, recomputed in backward), not by how many positions are routed: routed ({n_routed}) and "
+            f"all-token ({s['batch'] * s['length']}) both fill ≥ 1 full chunk, so routing saves time (∝ positions) "
+            "but little peak memory against the chunked all-token loss; against the naive full-logits loss it "
+            "saves both.")
+    settings = {k: v for k, v in s.items() if k not in ("train_cfg", "variants")}
+    kl = s["train_cfg"]["kl"]
+    settings.update(divergence="fkl", entry_clip=kl["entry_clip"], top_k=kl["top_k"],
+                    temperature=s["train_cfg"]["sampling"]["temperature"], lam=kl["w0"],
+                    torch=torch.__version__, isolation="in-process" if s["in_process"] else "subprocess per variant")
+    return {
+        "bench": "trace routed-KL memory/time", "settings": settings,
+        "kl_loss": [rows[v] for v in KL_VARIANTS if v in rows],
+        "step_loss_phase": [rows[v] for v in STEP_VARIANTS if v in rows],
+        "ratios": ratios, "checks": checks, "memory_method": sorted(methods), "wall_s": round(wall_s, 1),
+        "notes": notes,
+    }
+
+
+def _fmt(value, spec: str, missing: str = "–") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_report(result: dict) -> str:
+    s = result["settings"]
+    threads = next((r["threads"] for r in result["kl_loss"] + result["step_loss_phase"] if "threads" in r), "?")
+    lines = [
+        f"# trace bench: B={s['batch']} T={s['length']} V={s['vocab']} d={s['hidden']} layers={s['layers']} "
+        f"α={s['alpha']:g} chunk={s['chunk']} {s['dtype']} on {s['device']} ({threads} torch thread(s)), "
+        f"{s['isolation']}, warmup {s['warmup']}, median of {s['repeats']} timed run(s)",
+        "",
+    ]
+
+    def table(title, rows, ref, extra_col):
+        out = [f"## {title}", "",
+               f"| variant | KL positions | loss | time (s) | peak mem Δ (MiB) | peak mem abs (MiB) | "
+               f"time ÷ {extra_col} | mem ÷ {extra_col} |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if "error" in r:
+                why = r["error"].replace("|", "/")
+                out.append(f"| {r['label']} (not measured: {why}) |" + " – |" * 7)
+                continue
+            out.append(f"| {r['label']} | {r['kl_positions']} | {r['loss']:.6g} | {r['time_s']:.3f} | "
+                       f"{r['peak_delta_mib']:.1f} | {r['peak_abs_mib']:.1f} | "
+                       f"{_fmt(_ratio(r, ref, 'time_s'), '.2f')} | {_fmt(_ratio(r, ref, 'peak_delta_mib'), '.2f')} |")
+        return out + [""]
+
+    by = {r["variant"]: r for r in result["kl_loss"] + result["step_loss_phase"]}
+    if result["kl_loss"]:
+        lines += table("(a) KL loss (FKL, per-entry clip), forward + backward", result["kl_loss"],
+                       by.get("kl_chunked_all"), "chunked all-token")
+    if result["step_loss_phase"]:
+        lines += table("(b) training step, loss phase (Trainer._micro_batch_loss), forward + backward",
+                       result["step_loss_phase"], by.get("step_grpo"), "GRPO")
+    r = result["ratios"]
+    names = {"routed/chunked_all": "routed ÷ chunked all-token", "routed/naive_all": "routed ÷ naive all-token",
+             "trace/grpo_step": "TRACE ÷ GRPO step loss phase"}
+    for key, name in names.items():
+        t, m = r.get(f"{key}_time"), r.get(f"{key}_peak_memory")
+        if t is not None or m is not None:
+            lines.append(f"- {name}: time {_fmt(t, '.3f')}×, peak memory Δ {_fmt(m, '.3f')}×")
+    for key, value in result["checks"].items():
+        lines.append(f"- check {key}: {value:+.3e}")
+    lines.append(f"- memory: {'; '.join(result['memory_method'])}")
+    lines += [f"- {note}" for note in result["notes"]]
+    lines.append(f"- total wall time {result['wall_s']:.1f}s")
+    return "\n".join(lines)
+
+
+def run_from_args(args) -> dict:
+    settings = settings_from_args(args)
+    result = run_bench(settings)
+    print(format_report(result))
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        logging.basicConfig(level=logging.WARNING)
+        _worker(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m trace bench [options] (this module's own entry point is for its workers)")
