@@ -35,11 +35,10 @@ def cmd_toy_base(args, cfg):
 
 
 def cmd_train(args, cfg):
-    from trace.annotate.setup import annotator_for
     from trace.train.trainer import Trainer
 
-    annotator = annotator_for(cfg, Path(args.base))
-    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir), annotator=annotator).fit()
+    # the Trainer builds the configured annotator tier (train.annotator) itself: the self tier needs its policy
+    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir)).fit()
 
 
 def cmd_evaluate(args, cfg):

@@ -6,6 +6,10 @@ Typical use per training step::
     results[i].token_mask      # capped per-token mask (K for correct, E for incorrect rollouts)
     results[i].teacher_prefix  # private context for the teacher, None -> plain GRPO for that rollout
     annotator.last_call_stats.as_dict()   # counters to log
+
+The annotator tiers of the paper (strong API, online self, frozen larger model, static initial
+student) and their toy-world stand-ins are built from a run's config by
+``trace.annotate.setup.annotator_for`` (likelihood.py: toy scale; local.py / http.py: prompted).
 """
 from .backends import (AnnotationRequest, AnnotationResult, AnnotationStats, Annotator, CallableAnnotator,
                        Completion, PromptedAnnotator)

@@ -8,6 +8,7 @@ the strong-API tier (qwen3.5-plus) of the paper: the best annotation available i
 from __future__ import annotations
 
 import json
+import time
 from typing import Sequence
 
 from trace.toy.task import oracle_spans
@@ -35,6 +36,7 @@ def oracle_reply(request: AnnotationRequest, segments: Sequence[Segment]) -> str
 
 class ToyOracleAnnotator(PromptedAnnotator):
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
+        started = time.monotonic()
         call = AnnotationStats(requested=len(requests))
         results = []
         for request in requests:
@@ -45,6 +47,7 @@ class ToyOracleAnnotator(PromptedAnnotator):
                 reply = oracle_reply(request, segments)
                 parsed = parse_annotation(reply, len(segments), bool(request.is_correct))
             results.append(self._result(request, segments, parsed, reply, 0.0, False, call))
+        call.wall_s = time.monotonic() - started
         self.last_call_stats = call
         self.stats.merge(call)
         return results

@@ -49,11 +49,13 @@ class HFRolloutEngine:
                              padding_side="left").to(model.device)
         was_training = model.training
         model.eval()
+        # sampling {"do_sample": False} decodes greedily (the prompted annotator tiers' default)
+        do_sample = self.sampling.get("do_sample", True)
+        decoding = (dict(temperature=self.sampling["temperature"], top_p=self.sampling["top_p"],
+                         top_k=self.sampling["top_k"]) if do_sample else {})
         out = model.generate(
-            **enc, do_sample=True, max_new_tokens=self.sampling["max_new_tokens"],
-            temperature=self.sampling["temperature"], top_p=self.sampling["top_p"],
-            top_k=self.sampling["top_k"], pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos_id,
+            **enc, do_sample=do_sample, max_new_tokens=self.sampling["max_new_tokens"], **decoding,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_id,
         )
         model.train(was_training)
         completion_ids = out[:, enc["input_ids"].shape[1]:]

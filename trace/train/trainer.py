@@ -3,7 +3,7 @@
 Read ``train_step`` top to bottom; each paper concept is one named thing:
   rollouts  -> trace.train.rollout.HFRolloutEngine
   reward    -> trace.verify.grade_many (the same grader as evaluation)
-  span annotator -> trace.annotate (toy oracle, HTTP API, or a model through generate)
+  span annotator -> trace.annotate.setup.annotator_for (tiers: toy oracle, API, self, frozen, static)
   router    -> trace.router.build_routed_masks
   teacher   -> trace.train.teacher.Teacher (synced / EMA / frozen weights, privileged prompt)
   schedule  -> trace.schedule.LambdaSchedule (λ_k, ρ_k, when the teacher can be switched off)
@@ -81,8 +81,13 @@ class Trainer:
             source = (AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
                       if self.method.teacher == "frozen" else self.policy)
             self.teacher = Teacher(source, self.method.teacher, kl["teacher_sync_every"], kl["ema_rate"])
-        if self.method.needs_annotation and annotator is None:
-            raise ValueError(f"method {cfg['method']!r} routes on annotated spans: configure an annotator")
+        if self.method.needs_annotation and self.teacher is not None and annotator is None:
+            # the configured tier (train.annotator), built here: the self tier annotates with the live policy
+            from trace.annotate.setup import annotator_for
+
+            annotator = annotator_for(cfg, base_model, policy=self.policy, tokenizer=self.tokenizer)
+            if annotator is None:
+                raise ValueError(f"method {cfg['method']!r} routes on annotated spans: configure an annotator")
         self.annotator = annotator
         if self.start_step > 0:
             self._load_trainer_state()
@@ -183,7 +188,7 @@ class Trainer:
         lam = self.schedule(step)
         teacher_on = self.teacher is not None and self.schedule.teacher_forward_needed(step)
         if self.teacher is not None and not teacher_on:
-            self.teacher = None  # frees its weights; pure GRPO from here on
+            self.teacher = self.annotator = None  # frees their weights; pure GRPO from here on
         if teacher_on:
             self.teacher.update(self.policy, step)
 

@@ -1,0 +1,88 @@
+"""Local annotator models: loading a frozen model folder, and prompting a local model (``mode: prompted``).
+
+``HFChatGenerate`` turns a Hugging Face causal LM into the ``generate(conversations) -> replies``
+function that ``CallableAnnotator`` expects: each conversation (the versioned annotation prompt
+of contract.py) is rendered with the model's chat template and decoded by the SAME engine as the
+rollouts (trace/train/rollout.py ``HFRolloutEngine``: no grad, eval mode during generation, the
+model's train/eval mode restored afterwards). Greedy by default; ``do_sample: true`` uses the
+run's rollout sampling (temperature / top-p / top-k). The replies then go through the shared
+parse / validate / segment→token / cap pipeline, and a reply that is not a valid annotation
+(e.g. from a toy model that cannot follow the prompt) fails cleanly: that rollout trains with
+plain GRPO and the failure is counted.
+
+Used by the prompted self tier (the live policy), the static tier (a frozen copy of the initial
+student, loaded from the base folder) and the frozen tier (any local model folder, e.g.
+Qwen3-32B; or a served endpoint through http.py instead).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .backends import Messages
+
+
+def load_frozen_model(path: Path | str, device: torch.device | str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) from a Hugging Face folder; eval mode, no gradients, never trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"annotator model folder {path} has no config.json (config key annotator.model, "
+                                "or the base model for the static tier)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def weights_fingerprint(path: Path | str) -> str:
+    """Names, sizes and modification times of a folder's weight files: part of a reply-cache key,
+    so that a rebuilt model under the same path never reuses stale replies."""
+    path = Path(path)
+    parts = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                   for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+class HFChatGenerate:
+    """``generate(conversations) -> replies`` with a local model, through ``HFRolloutEngine``.
+
+    ``model`` is the network itself (for the self tier: the live policy object) or a zero-argument
+    callable returning it. ``sampling`` holds temperature / top_p / top_k (used when
+    ``do_sample``); ``max_new_tokens`` bounds each reply.
+    """
+
+    def __init__(self, model: Any, tokenizer, *, max_new_tokens: int = 512, do_sample: bool = False,
+                 sampling: Mapping[str, Any] | None = None, thinking: bool = False, batch_size: int = 16):
+        from trace.train.rollout import HFRolloutEngine
+
+        if batch_size < 1:
+            raise ValueError(f"annotator.batch_size must be >= 1, got {batch_size}")
+        self._model, self.tokenizer, self.thinking, self.batch_size = model, tokenizer, thinking, batch_size
+        settings = dict(sampling or {})
+        if do_sample:
+            missing = [k for k in ("temperature", "top_p", "top_k") if k not in settings]
+            if missing:
+                raise ValueError(f"sampled annotator replies need {missing} (the run's train.sampling)")
+        settings.update(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample))
+        self.engine = HFRolloutEngine(tokenizer, settings)
+
+    @property
+    def model(self):
+        return self._model() if callable(self._model) and not isinstance(self._model, torch.nn.Module) else self._model
+
+    def render(self, messages: Messages) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=self.thinking)
+
+    def __call__(self, conversations: Sequence[Messages]) -> list[str]:
+        model = self.model
+        prompts = [self.render(c) for c in conversations]
+        replies: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            replies.extend(self.engine.generate(model, prompts[start:start + self.batch_size], 1).texts)
+        return replies
