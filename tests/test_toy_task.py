@@ -39,3 +39,24 @@ def test_oracle_marks_multiplications_and_first_wrong_step():
     assert task.oracle_spans(reference, misread, False) == task.OracleVerdict((0,), "misread_problem")
     short = "Step 1: 4 + 3 = 7\nThe answer is \\boxed{7}."
     assert task.oracle_spans(reference, short, False) == task.OracleVerdict((1,), "incomplete_solution")
+
+
+def test_demonstrator_slips_are_off_by_one_and_carried_through_the_chain():
+    import random
+
+    reference = "Step 1: 7 + 3 = 10\nStep 2: 10 * 2 = 20\nStep 3: 20 - 4 = 16\nThe answer is \\boxed{16}."
+    assert task.demonstrator_solution(reference, random.Random(0), 0.0) == reference
+    always = task.demonstrator_solution(reference, random.Random(0), 1.0)
+    # every step slips by +1 and the next step starts from the slipped value
+    assert always == "Step 1: 7 + 3 = 11\nStep 2: 11 * 2 = 23\nStep 3: 23 - 4 = 20\nThe answer is \\boxed{20}."
+    verdict = task.oracle_spans(reference, always, is_correct=False)
+    assert verdict.lines == (0,) and verdict.label == "arithmetic_slip"
+    # at rate 0.3 about 30% of steps slip; the final answer is wrong exactly when some step slipped
+    rng, slipped_steps, n_steps = random.Random(1), 0, 0
+    for _ in range(400):
+        text = task.demonstrator_solution(reference, rng, 0.3)
+        steps = task.reference_steps(text)
+        n_steps += len(steps)
+        slipped_steps += sum(s.result != task._apply(s.operation, s.left, s.operand) for s in steps)
+        assert ("\\boxed{16}" in text) == (text == reference)
+    assert 0.25 < slipped_steps / n_steps < 0.35

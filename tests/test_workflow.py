@@ -16,19 +16,36 @@ def test_dry_run_lists_the_whole_toy_study(tmp_path):
     result = snakemake(workdir=tmp_path, *("-n", "--cores", "2", "--forceall", "--quiet", "rules"))
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
-    for rule, count in [("toy_data", 1), ("toy_base", 2), ("train", 2), ("evaluate", 20),
+    # runs: 6 methods on each model + 3 annotator tiers + 3 mask ablations on toy-small = 18;
+    # evaluations: (2 bases + 18 runs) x 5 benchmarks = 100
+    for rule, count in [("toy_data", 1), ("toy_base", 2), ("train", 18), ("evaluate", 100),
                         ("aggregate", 1), ("report", 1)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), (rule, out[-1500:])
 
 
 def test_more_methods_and_seeds_widen_the_grid(tmp_path):
+    no_ablations = tmp_path / "no_ablations.yaml"
+    no_ablations.write_text("ablations: null\n")
     result = snakemake(workdir=tmp_path, *("-n", "--cores", "2", "--forceall", "--quiet", "rules",
-                       "--config", "methods=[grpo,trace_fkl,sdpo]", "seeds=[0,1]"))
+                       "--configfile", str(no_ablations), "--config", "methods=[grpo,trace_fkl,sdpo]", "seeds=[0,1]"))
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
     # 2 models x 3 methods x 2 seeds runs; evaluations: 2 models x (1 base + 6 runs) x 5 benchmarks
     assert any(line.split() == ["train", "12"] for line in out.splitlines()), out[-1500:]
     assert any(line.split() == ["evaluate", "70"] for line in out.splitlines()), out[-1500:]
+
+
+def test_annotator_tier_runs_get_their_tier_and_the_frozen_annotator_model(tmp_path):
+    result = snakemake(workdir=tmp_path, *("-n", "-p", "--cores", "2", "--forceall",
+                                           "results/train/toy-small/trace_fkl@frozen/seed0/metrics.jsonl"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    # the frozen annotator (the toy-large base) is built before the run that reads it
+    assert "output: results/base/toy-large" in out, out[-3000:]
+    command = next(line for line in out.splitlines() if "-m trace train" in line)
+    assert '"method": "trace_fkl"' in command and '"tier": "frozen"' in command
+    assert '"model": "results/base/toy-large"' in command
+    assert "--run-dir results/train/toy-small/trace_fkl@frozen/seed0" in command
 
 
 def test_invalid_config_names_the_offending_key(tmp_path):

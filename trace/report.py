@@ -60,6 +60,22 @@ def main_table(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return cells.sort_index(key=lambda idx: idx.map(lambda v: (order.get(v, 2), v)) if idx.name == "method" else idx)
 
 
+def ablation_table(evals: pd.DataFrame, columns: list[str], model: str, rows: dict[str, str]) -> pd.DataFrame:
+    """Rows = {label: run name} on one model: benchmark columns, AVG, and AVG gain over that model's GRPO."""
+    table = main_table(evals[evals["model"] == model], columns).droplevel("model")
+    present = {label: run for label, run in rows.items() if run in table.index}
+    out = table.loc[list(present.values())]
+    out.index = pd.Index(list(present), name="variant")
+    if "grpo" in table.index:
+        out["gain_vs_grpo"] = out["AVG"] - table.loc["grpo", "AVG"]
+    return out
+
+
+def _write_table(table: pd.DataFrame, tables: Path, name: str, header: str) -> None:
+    table.to_csv(tables / f"{name}.csv")
+    (tables / f"{name}.md").write_text(header + "\n\n" + table.reset_index().to_markdown(index=False) + "\n")
+
+
 def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> None:
     import matplotlib
 
@@ -69,15 +85,27 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
     evals = pd.read_csv(aggregate_dir / "evals.csv")
     curves = pd.read_csv(aggregate_dir / "training_curves.csv")
     columns = list(dict.fromkeys(cfg["benchmarks"].values()))
-    table = main_table(evals, columns).round(2)
     tables, figures = out_dir / "tables", out_dir / "figures"
     tables.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
-    table.to_csv(tables / "main_results.csv")
     k = int(evals["k"].iloc[0])
-    header = (f"Main results (avg@{k}, %; benchmark columns are the paper's, filled by this study's "
-              f"benchmarks: {', '.join(f'{b} → {c}' for b, c in cfg['benchmarks'].items())})\n\n")
-    (tables / "main_results.md").write_text(header + table.reset_index().to_markdown(index=False) + "\n")
+    legend = (f"avg@{k}, %; benchmark columns are the paper's, filled by this study's benchmarks: "
+              f"{', '.join(f'{b} → {c}' for b, c in cfg['benchmarks'].items())}")
+    main_runs = ["base", *cfg.get("methods", evals["method"].unique())]
+    table = main_table(evals[evals["method"].isin(main_runs)], columns).round(2)
+    _write_table(table, tables, "main_results", f"Main results (Table 2 shape; {legend})")
+
+    ablations = cfg.get("ablations") or {}
+    if tiers := ablations.get("annotator_tiers"):
+        # the main run of the same method uses train.annotator: the strongest tier (API / toy oracle)
+        rows = {f"strong ({tiers['method']}, train.annotator)": tiers["method"],
+                **{tier: f"{tiers['method']}@{tier}" for tier in tiers["tiers"]}}
+        _write_table(ablation_table(evals, columns, tiers["model"], rows).round(2), tables, "annotator_tiers",
+                     f"Annotator tiers (Table 3 shape) on {tiers['model']}; gain_vs_grpo = AVG − GRPO's AVG ({legend})")
+    if masks := ablations.get("mask_localisation"):
+        rows = {"annotated spans (trace_fkl)": "trace_fkl", **{m: m for m in masks["methods"]}}
+        _write_table(ablation_table(evals, columns, masks["model"], rows).round(2), tables, "mask_localisation",
+                     f"Mask localisation (Table 4 shape) on {masks['model']} ({legend})")
 
     panels = [("reward_mean", "training reward"), ("entropy", "per-token entropy (nats)"),
               ("response_length", "response length (tokens)")]

@@ -124,6 +124,27 @@ def make_split(name: str, n: int, seed: int, n_ops: tuple[int, int]) -> list[dic
     return records
 
 
+def demonstrator_solution(reference_solution: str, rng: random.Random, slip_rate: float) -> str:
+    """The reference solution as an imperfect demonstrator writes it, for the SFT corpus only.
+
+    Each step's result is off by one with probability ``slip_rate`` and the chain continues from
+    the slipped value, so the final answer is wrong too. The base policy learns these slips as a
+    systematic habit (a single alternative token survives temperature-0.6 sampling, unlike noise
+    spread over many values): its accuracy is then set by the slip rate rather than by a knife-edge
+    SFT budget, and RL has a real, localised error to remove. RL data and evaluation stay clean.
+    """
+    steps = reference_steps(reference_solution)
+    if not steps or slip_rate <= 0:
+        return reference_solution
+    lines, value = [], steps[0].left
+    for number, step in enumerate(steps, start=1):
+        result = _apply(step.operation, value, step.operand) + (rng.random() < slip_rate)
+        lines.append(Step(step.operation, value, step.operand, result).line(number))
+        value = result
+    lines.append(f"The answer is \\boxed{{{value}}}.")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- span oracle
 _STEP_RE = re.compile(r"^Step (\d+): (-?\d+) ([+*-]) (-?\d+) = (-?\d+)\s*$")
 _OP_OF_SYMBOL = {v: k for k, v in _SYMBOL.items()}

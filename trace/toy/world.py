@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from trace.prompting import render_prompt
@@ -21,7 +22,11 @@ def write_toy_data(cfg: dict, out_dir: Path) -> None:
     train = task.make_split("train", cfg["n_train"], seed, task.TRAIN_OPS)
     # SFT also practises the multiple-choice format, so the base can answer the OOD split at all;
     # RL trains on arithmetic only, which makes choice_ood a genuine out-of-distribution probe.
-    sft = train + task.make_split("sft_choice", cfg["n_sft_choice"], seed, task.TRAIN_OPS)
+    # The SFT demonstrator slips (task.demonstrator_solution); RL and evaluation data stay clean.
+    slips = random.Random(f"sft_slips:{seed}")
+    demonstrations = [{**r, "solution": task.demonstrator_solution(r["solution"], slips, cfg["sft_slip_rate"])}
+                      for r in train]
+    sft = demonstrations + task.make_split("sft_choice", cfg["n_sft_choice"], seed, task.TRAIN_OPS)
     splits = {"train": train, "sft": sft, "val": task.make_split("val", cfg["n_val"], seed, task.TRAIN_OPS)}
     for name, n_ops in task.TEST_SPLITS.items():
         splits[name] = task.make_split(name, cfg["n_test"], seed, n_ops)

@@ -1,20 +1,55 @@
-# Names of things in the study grid: models x methods x seeds, and the benchmarks.
+# Names of things in the study grid. A run is (model, run name, seed); a run name is a method
+# (trace/methods.py) or, for the annotator-tier ablation, '<method>@<tier>'.
 MODELS = list(config["models"])
 METHODS = list(config["methods"])
 SEEDS = list(config["seeds"])
 BENCHMARKS = list(config["eval"]["benchmarks"])
+ABLATIONS = config.get("ablations") or {}
+TIER_RUNS = ABLATIONS.get("annotator_tiers") or {}
+MASK_RUNS = ABLATIONS.get("mask_localisation") or {}
 
 
-def trained_policies():
+def runs_of(model):
+    """Run names trained on one model: the main methods, plus the ablations assigned to it."""
+    runs = list(METHODS)
+    if TIER_RUNS.get("model") == model:
+        runs += [f"{TIER_RUNS['method']}@{tier}" for tier in TIER_RUNS["tiers"]]
+    if MASK_RUNS.get("model") == model:
+        runs += [method for method in MASK_RUNS["methods"] if method not in runs]
+    return runs
+
+
+def trained_policies(model):
     """Policy names as they appear in results/eval/<model>/<policy>/: 'base' plus every run."""
-    return ["base"] + [f"{method}-seed{seed}" for method in METHODS for seed in SEEDS]
+    return ["base"] + [f"{run}-seed{seed}" for run in runs_of(model) for seed in SEEDS]
+
+
+def all_evaluations():
+    return [f"results/eval/{model}/{policy}/{benchmark}.json"
+            for model in MODELS for policy in trained_policies(model) for benchmark in BENCHMARKS]
+
+
+def all_training_metrics():
+    return [f"results/train/{model}/{run}/seed{seed}/metrics.jsonl"
+            for model in MODELS for run in runs_of(model) for seed in SEEDS]
+
+
+def method_and_annotator(run):
+    """'trace_fkl@self' -> ('trace_fkl', train.annotator with the tier's overrides)."""
+    method, _, tier = run.partition("@")
+    annotator = dict(config["train"]["annotator"])
+    if tier:
+        if tier not in TIER_RUNS.get("tiers", {}):
+            raise ValueError(f"run {run!r}: tier {tier!r} is not in ablations.annotator_tiers.tiers")
+        annotator.update(TIER_RUNS["tiers"][tier])
+    return method, annotator
 
 
 def policy_dir(wildcards):
     if wildcards.policy == "base":
         return f"results/base/{wildcards.model}"
-    method, seed = wildcards.policy.rsplit("-seed", 1)
-    return f"results/train/{wildcards.model}/{method}/seed{seed}/model"
+    run, seed = wildcards.policy.rsplit("-seed", 1)
+    return f"results/train/{wildcards.model}/{run}/seed{seed}/model"
 
 
 def benchmark_data(wildcards):
@@ -23,6 +58,6 @@ def benchmark_data(wildcards):
 
 wildcard_constraints:
     model="[A-Za-z0-9_.-]+",
-    method="[a-z0-9_]+",
+    method="[a-z0-9_]+(@[a-z0-9_]+)?",
     seed=r"\d+",
     benchmark="[A-Za-z0-9_]+",

@@ -1,10 +1,8 @@
 rule aggregate:
     """All per-run result files -> two tidy CSVs (evaluations, training curves)."""
     input:
-        evals=expand("results/eval/{model}/{policy}/{benchmark}.json", model=MODELS,
-                     policy=trained_policies(), benchmark=BENCHMARKS),
-        metrics=expand("results/train/{model}/{method}/seed{seed}/metrics.jsonl", model=MODELS,
-                       method=METHODS, seed=SEEDS),
+        evals=all_evaluations(),
+        metrics=all_training_metrics(),
     output:
         evals="results/aggregate/evals.csv",
         curves="results/aggregate/training_curves.csv",
@@ -24,8 +22,10 @@ rule report:
         table_md="results/tables/main_results.md",
         table_csv="results/tables/main_results.csv",
         curves="results/figures/training_curves.png",
+        ablations=[f"results/tables/{name}.md" for name in ("annotator_tiers", "mask_localisation")
+                   if ABLATIONS.get(name)],
     params:
-        cfg=as_arg({"benchmarks": config["eval"]["benchmarks"]}),
+        cfg=as_arg({"benchmarks": config["eval"]["benchmarks"], "methods": METHODS, "ablations": ABLATIONS}),
     log:
         "logs/report.log",
     shell:

@@ -1,13 +1,21 @@
 def train_settings(wildcards):
-    return as_arg({**config["train"], "method": wildcards.method, "seed": int(wildcards.seed),
+    method, annotator = method_and_annotator(wildcards.method)
+    return as_arg({**config["train"], "method": method, "annotator": annotator, "seed": int(wildcards.seed),
                    "thinking": config["thinking"]})
 
 
+def annotator_model(wildcards):
+    """A frozen annotator's model folder, when this workflow builds it (e.g. the toy-large base)."""
+    model = method_and_annotator(wildcards.method)[1].get("model")
+    return [model] if model and model.startswith("results/") else []
+
+
 rule train:
-    """One RL run (GRPO, TRACE or a baseline). Resumes from results/train/.../work/checkpoint."""
+    """One RL run (GRPO, TRACE or a baseline; '<method>@<tier>' = an annotator-tier ablation). Resumes from results/train/.../work/checkpoint."""
     input:
         base="results/base/{model}",
         data=f"results/data/{config['study']}/train.jsonl",
+        annotator_model=annotator_model,
     output:
         model=directory("results/train/{model}/{method}/seed{seed}/model"),
         metrics="results/train/{model}/{method}/seed{seed}/metrics.jsonl",
