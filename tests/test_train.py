@@ -94,3 +94,58 @@ def test_lambda_zero_for_good_skips_the_teacher(tiny_base, toy_data, tmp_path):
     trainer.fit()
     (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert row["teacher_active"] == 0 and row["lambda"] == 0.0 and "tokens_key" not in row
+
+
+def _mc_trainer(tiny_base, toy_data, run_dir, method, **overrides):
+    cfg = run_config(method, batch_prompts=4, weight_decay=0.0,
+                     sampling=dict(BASE_TRAIN["sampling"], max_new_tokens=96, temperature=1.0), **overrides)
+    torch.set_num_threads(1)
+    return Trainer(cfg, tiny_base, toy_data / "choice_ood.jsonl", run_dir)
+
+
+def test_srpo_loss_does_not_depend_on_the_micro_batch_split(tiny_base, toy_data, tmp_path, monkeypatch):
+    """SRPO's entropy weights are normalised over the whole optimizer batch, not per micro-batch."""
+    whole = _mc_trainer(tiny_base, toy_data, tmp_path / "whole", "srpo", micro_batch_size=16).train_step(0)
+    split = _mc_trainer(tiny_base, toy_data, tmp_path / "split", "srpo", micro_batch_size=4).train_step(0)
+    assert 0 < whole["accuracy"] < 1, "the check needs failed and correct rollouts in the batch"
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-4, abs=1e-6)
+    assert split["teacher_entropy"] == pytest.approx(whole["teacher_entropy"], rel=1e-4)
+    # the test is sensitive: per-micro-batch normalisation (the pitfall) changes the loss
+    monkeypatch.setattr(Trainer, "_srpo_global_weight_mean", lambda *args: None)
+    naive = _mc_trainer(tiny_base, toy_data, tmp_path / "naive", "srpo", micro_batch_size=4).train_step(0)
+    assert abs(naive["loss"] - whole["loss"]) > 1e-6
+
+
+def test_a_grpo_step_raises_rewarded_rollouts_and_lowers_the_others(tiny_base, toy_data, tmp_path):
+    """Direction of the policy gradient: after one step, positive-advantage rollouts gain log-prob."""
+    from trace import losses
+    from trace.prompting import render_prompt
+    from trace.train.logprobs import completion_hidden_states, gather_logprobs
+    from trace.verify import grade_many
+
+    trainer = _mc_trainer(tiny_base, toy_data, tmp_path / "run", "grpo", lr=3e-4, micro_batch_size=16)
+    records = trainer.sample_prompts(0)
+    rollouts = trainer.engine.generate(trainer.policy, [render_prompt(trainer.tokenizer, r, False) for r in records], 4)
+    golds = [r["answer"] for r in records for _ in range(4)]
+    correct = torch.tensor(grade_many(rollouts.texts, golds, ["mc"] * len(golds)))
+    advantages = losses.grpo_advantages(correct.float(), 4)
+    assert (advantages > 0).any() and (advantages < 0).any()
+    mask = rollouts.completion_mask.bool()
+
+    def sequence_logp():
+        with torch.no_grad():
+            hidden = completion_hidden_states(trainer.policy, rollouts.input_ids, rollouts.attention_mask,
+                                              rollouts.prompt_ids.shape[1])
+            logp, _ = gather_logprobs(hidden[mask], trainer.policy.get_output_embeddings().weight,
+                                      rollouts.completion_ids[mask], 1.0)
+            return losses.tokens_from_positions(logp, mask).sum(-1)
+
+    before = sequence_logp()
+    counts = losses.count_normalizers(mask)
+    agg = dict(agg_mode="token-mean", global_tokens=counts["global_tokens"], global_seqs=counts["global_seqs"],
+               max_len=96)
+    trainer.optimizer.zero_grad()
+    trainer._micro_batch_loss(list(range(len(golds))), rollouts, advantages, correct, None, None, 0.0, 0, agg, None)
+    trainer.optimizer.step()
+    change = sequence_logp() - before
+    assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()

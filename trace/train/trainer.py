@@ -205,7 +205,8 @@ class Trainer:
         counts = losses.count_normalizers(mask)
         agg = dict(agg_mode=cfg["agg_mode"], global_tokens=counts["global_tokens"],
                    global_seqs=counts["global_seqs"], max_len=cfg["sampling"]["max_new_tokens"])
-        srpo_weight_mean = None
+        srpo_weight_mean = (self._srpo_global_weight_mean(rollouts, correct, teacher_prompts)
+                            if teacher_on and self.method.objective == "srpo" else None)
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -238,9 +239,32 @@ class Trainer:
         if routed is not None:
             row.update(tokens_key=float(routed.key.sum()), tokens_error=float(routed.error.sum()),
                        span_coverage=float((routed.key | routed.error).sum()) / n_tokens)
+        if "teacher_entropy_sum" in sums:  # per routed (distilled) token, not per micro-batch
+            row["teacher_entropy"] = sums.pop("teacher_entropy_sum") / max(sums.pop("teacher_entropy_tokens"), 1.0)
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
         return row
+
+    @torch.no_grad()
+    def _srpo_global_weight_mean(self, rollouts, correct, teacher_prompts) -> torch.Tensor:
+        """mean of exp(−β·H_teacher) over ALL failed-rollout tokens of the optimizer batch.
+
+        SRPO normalises its entropy-aware weights to mean 1; doing that per micro-batch would make
+        the loss depend on how the batch is split (TRACE.md §8). This costs one extra no-grad teacher
+        forward per step, for SRPO only.
+        """
+        total, count = torch.zeros((), device=self.device), 0
+        temperature, chunk = self.cfg["sampling"]["temperature"], self.cfg["logprob_chunk"]
+        for rows in _micro_batches(len(teacher_prompts), self.cfg["micro_batch_size"]):
+            failed = rollouts.completion_mask[rows].bool() & ~correct[rows].bool().unsqueeze(-1)
+            if not failed.any():
+                continue
+            hidden = self.teacher.hidden_states(self.tokenizer, [teacher_prompts[i] for i in rows],
+                                                rollouts.completion_ids[rows], rollouts.completion_mask[rows])
+            entropy = losses.chunked_entropy(hidden[failed], self.teacher.lm_head_weight, chunk, temperature)
+            total += torch.exp(-self.cfg["kl"]["srpo_entropy_beta"] * entropy.float()).sum()
+            count += int(failed.sum())
+        return total / max(count, 1)
 
     def _micro_batch_loss(self, rows, rollouts, advantages, correct, routed, teacher_prompts, lam, step,
                           agg, srpo_weight_mean) -> dict[str, float]:
@@ -303,14 +327,16 @@ class Trainer:
             metrics.update({"kl/distill": float(parts["distill"]),
                             "srpo_weight_raw_mean": float(parts["entropy_weight_raw_mean"])})
             if failed.any():
-                metrics["teacher_entropy_sum"] = float(teacher_entropy[failed].sum())
+                metrics.update(teacher_entropy_sum=float(teacher_entropy[failed].sum()),
+                               teacher_entropy_tokens=float(failed.sum()))
         else:
             loss = losses.aggregate(ppo, mask, agg["agg_mode"], agg["global_tokens"], agg["global_seqs"], agg["max_len"])
         if teacher_hidden is not None and method.objective != "srpo":
             span = mask if routed is None else (routed.key[rows] | routed.error[rows])
             if span.any():
-                metrics["teacher_entropy_sum"] = float(losses.chunked_entropy(
-                    teacher_hidden[span], self.teacher.lm_head_weight, cfg["logprob_chunk"], temperature).sum())
+                metrics.update(teacher_entropy_sum=float(losses.chunked_entropy(
+                    teacher_hidden[span], self.teacher.lm_head_weight, cfg["logprob_chunk"], temperature).sum()),
+                    teacher_entropy_tokens=float(span.sum()))
         loss.backward()
         metrics.update(loss=float(loss.detach()), entropy_sum=float(entropy_flat.sum()),
                        clipped_high=float((clip["clipped_high"] & mask).sum()),
