@@ -30,3 +30,30 @@ rule report:
         "logs/report.log",
     shell:
         "{PYTHON} -m trace report --cfg {params.cfg} --aggregate-dir results/aggregate --out-dir results > {log} 2>&1"
+
+
+# Targets for one part of the study (trained and evaluated, no report): e.g.
+#   snakemake --cores 2 mask_localisation     # the Table 4 runs on their model (paper: Qwen3-1.7B)
+def evaluations_of(model, runs):
+    policies = ["base"] + [f"{run}-seed{seed}" for run in runs for seed in SEEDS]
+    return [f"results/eval/{model}/{policy}/{benchmark}.json" for policy in policies for benchmark in BENCHMARKS]
+
+
+rule main_table:
+    input:
+        [evaluations_of(model, METHODS) for model in MODELS],
+
+
+if TIER_RUNS:
+
+    rule annotator_tiers:
+        input:
+            evaluations_of(TIER_RUNS["model"], ["grpo", TIER_RUNS["method"]]
+                           + [f"{TIER_RUNS['method']}@{tier}" for tier in TIER_RUNS["tiers"]]),
+
+
+if MASK_RUNS:
+
+    rule mask_localisation:
+        input:
+            evaluations_of(MASK_RUNS["model"], ["grpo", "trace_fkl", *MASK_RUNS["methods"]]),
