@@ -16,9 +16,9 @@ def test_dry_run_lists_the_whole_toy_study(tmp_path):
     result = snakemake(workdir=tmp_path, *("-n", "--cores", "2", "--forceall", "--quiet", "rules"))
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
-    # runs: 6 methods on each model + 3 annotator tiers + 3 mask ablations on toy-small = 18;
-    # evaluations: (2 bases + 18 runs) x 5 benchmarks = 100
-    for rule, count in [("toy_data", 1), ("toy_base", 2), ("train", 18), ("evaluate", 100),
+    # runs: 7 methods on each model + 3 annotator tiers + 3 mask ablations on toy-small = 20;
+    # evaluations: (2 bases + 20 runs) x 5 benchmarks = 110
+    for rule, count in [("toy_data", 1), ("toy_base", 2), ("train", 20), ("evaluate", 110),
                         ("aggregate", 1), ("report", 1)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), (rule, out[-1500:])
 
@@ -46,6 +46,15 @@ def test_annotator_tier_runs_get_their_tier_and_the_frozen_annotator_model(tmp_p
     assert '"method": "trace_fkl"' in command and '"tier": "frozen"' in command
     assert '"model": "results/base/toy-large"' in command
     assert "--run-dir results/train/toy-small/trace_fkl@frozen/seed0" in command
+
+
+def test_ablation_targets_build_only_their_runs(tmp_path):
+    result = snakemake(workdir=tmp_path, *("-n", "--cores", "2", "--forceall", "mask_localisation", "--quiet", "rules"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    # toy-small only: grpo, trace_fkl and the 3 mask ablations; (1 base + 5 runs) x 5 benchmarks evaluations
+    for rule, count in [("toy_base", 1), ("train", 5), ("evaluate", 30)]:
+        assert any(line.split() == [rule, str(count)] for line in out.splitlines()), (rule, out[-1500:])
 
 
 def test_invalid_config_names_the_offending_key(tmp_path):
