@@ -56,4 +56,5 @@ def test_report_writes_main_and_ablation_tables(tmp_path):
     masks = pd.read_csv(tmp_path / "tables" / "mask_localisation.csv")
     assert list(masks["variant"]) == ["annotated spans (trace_fkl)", "random25"]
     assert masks.set_index("variant").loc["random25", "gain_vs_grpo"] == 0.5
-    assert (tmp_path / "figures" / "training_curves.png").stat().st_size > 1000
+    for figure in ("training_curves", "annotator_tiers", "mask_localisation"):
+        assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 1000

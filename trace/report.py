@@ -107,20 +107,40 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
         _write_table(ablation_table(evals, columns, masks["model"], rows).round(2), tables, "mask_localisation",
                      f"Mask localisation (Table 4 shape) on {masks['model']} ({legend})")
 
-    panels = [("reward_mean", "training reward"), ("entropy", "per-token entropy (nats)"),
-              ("response_length", "response length (tokens)")]
-    models = sorted(curves["model"].unique()) or ["(none)"]
+    main_panels = [("reward_mean", "training reward"), ("entropy", "per-token entropy (nats)"),
+                   ("response_length", "response length (tokens)")]
+    main_figure_runs = {model: [m for m in main_runs if m != "base"] for model in sorted(curves["model"].unique())}
+    _curve_figure(plt, curves, main_figure_runs, main_panels, figures / "training_curves.png")
+    ablation_panels = [("reward_mean", "training reward"), ("entropy", "per-token entropy (nats)"),
+                       ("span_coverage", "routed-token coverage")]
+    if tiers:
+        runs = ["grpo", tiers["method"], *(f"{tiers['method']}@{tier}" for tier in tiers["tiers"])]
+        _curve_figure(plt, curves, {tiers["model"]: runs}, ablation_panels, figures / "annotator_tiers.png")
+    if masks:
+        runs = ["grpo", "trace_fkl", *masks["methods"]]
+        _curve_figure(plt, curves, {masks["model"]: runs}, ablation_panels, figures / "mask_localisation.png")
+
+
+def _curve_figure(plt, curves: pd.DataFrame, runs_by_model: dict[str, list[str]], panels, path: Path) -> None:
+    """One row per model, one panel per metric, one line per run (EMA-smoothed as in Fig. 1a); the
+    KL-active window (λ > 0) shaded as in Fig. 4."""
+    models = list(runs_by_model) or ["(none)"]
     fig, axes = plt.subplots(len(models), len(panels), figsize=(4 * len(panels), 3 * len(models)), squeeze=False)
     for r, model in enumerate(models):
+        runs = curves[(curves["model"] == model) & curves["method"].isin(runs_by_model.get(model, []))]
+        kl_steps = runs.loc[runs["lambda"].fillna(0) > 0, "step"]
         for c, (column, title) in enumerate(panels):
             ax = axes[r][c]
-            for method, group in curves[curves["model"] == model].groupby("method"):
+            if len(kl_steps):
+                ax.axvspan(kl_steps.min(), kl_steps.max(), color="0.92", zorder=0)
+            for method, group in runs.groupby("method"):
                 mean = group.groupby("step")[column].mean()
-                ax.plot(mean.index, mean.ewm(alpha=0.15).mean(), label=method)  # EMA smoothing as in Fig. 1a
+                if mean.notna().any():
+                    ax.plot(mean.index, mean.ewm(alpha=0.15).mean(), label=method)
             ax.set_title(f"{model}: {title}", fontsize=9)
             ax.set_xlabel("step")
-            if r == 0 and c == 0:
-                ax.legend(fontsize=8)
+            if c == 0:
+                ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(figures / "training_curves.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -22,8 +22,8 @@ rule report:
         table_md="results/tables/main_results.md",
         table_csv="results/tables/main_results.csv",
         curves="results/figures/training_curves.png",
-        ablations=[f"results/tables/{name}.md" for name in ("annotator_tiers", "mask_localisation")
-                   if ABLATIONS.get(name)],
+        ablations=[f"results/{kind}/{name}.{ext}" for name in ("annotator_tiers", "mask_localisation")
+                   if ABLATIONS.get(name) for kind, ext in (("tables", "md"), ("figures", "png"))],
     params:
         cfg=as_arg({"benchmarks": config["eval"]["benchmarks"], "methods": METHODS, "ablations": ABLATIONS}),
     log:
