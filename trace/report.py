@@ -123,20 +123,26 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
 
 def _curve_figure(plt, curves: pd.DataFrame, runs_by_model: dict[str, list[str]], panels, path: Path) -> None:
     """One row per model, one panel per metric, one line per run (EMA-smoothed as in Fig. 1a); the
-    KL-active window (λ > 0) shaded as in Fig. 4."""
+    annealed KL window (λ_k > 0) shaded as in Fig. 4."""
     models = list(runs_by_model) or ["(none)"]
+    # one colour per run across all panels (a run without a metric must not shift the others' colours)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(run for runs in runs_by_model.values() for run in runs))
+    colors = {run: palette[i % len(palette)] for i, run in enumerate(names)}
     fig, axes = plt.subplots(len(models), len(panels), figsize=(4 * len(panels), 3 * len(models)), squeeze=False)
     for r, model in enumerate(models):
         runs = curves[(curves["model"] == model) & curves["method"].isin(runs_by_model.get(model, []))]
-        kl_steps = runs.loc[runs["lambda"].fillna(0) > 0, "step"]
+        # the annealed KL window: λ > 0 in runs whose λ reaches 0 (SDPO/SRPO keep a constant λ)
+        annealed = runs.groupby("method").filter(lambda g: g.sort_values("step")["lambda"].fillna(0).iloc[-1] == 0)
+        kl_steps = annealed.loc[annealed["lambda"].fillna(0) > 0, "step"]
         for c, (column, title) in enumerate(panels):
             ax = axes[r][c]
             if len(kl_steps):
                 ax.axvspan(kl_steps.min(), kl_steps.max(), color="0.92", zorder=0)
             for method, group in runs.groupby("method"):
-                mean = group.groupby("step")[column].mean()
-                if mean.notna().any():
-                    ax.plot(mean.index, mean.ewm(alpha=0.15).mean(), label=method)
+                mean = group.groupby("step")[column].mean().dropna()  # e.g. no coverage once λ = 0
+                if len(mean):
+                    ax.plot(mean.index, mean.ewm(alpha=0.15).mean(), label=method, color=colors[method])
             ax.set_title(f"{model}: {title}", fontsize=9)
             ax.set_xlabel("step")
             if c == 0:
