@@ -189,10 +189,27 @@ def test_likelihood_annotator_on_the_tiny_model(tiny, toy_data):
     assert (oracle.last_call_stats.annotated, oracle.last_call_stats.failed) == (stats.annotated, stats.failed)
 
 
+class _BrokenModel(torch.nn.Module):
+    """An annotator model whose forward raises (e.g. out of memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(1, 1)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def get_decoder(self):
+        return self
+
+    def forward(self, **inputs):
+        raise RuntimeError("annotator forward failed")
+
+
 def test_a_broken_model_fails_into_grpo_only(tiny, toy_data):
     model, tokenizer = tiny
     requests = toy_requests(toy_data, tokenizer, n=4)
-    annotator = LikelihoodAnnotator(lambda: None, tokenizer, alpha=ALPHA)          # the model lookup breaks
+    annotator = LikelihoodAnnotator(_BrokenModel(), tokenizer, alpha=ALPHA)          # the forward breaks
     results = annotator.annotate(requests + [AnnotationRequest("p", "r", "   ", True, [])])
     stats = annotator.last_call_stats
     assert (stats.failed, stats.empty, stats.annotated) == (4, 1, 0)

@@ -141,9 +141,7 @@ def test_a_grpo_step_raises_rewarded_rollouts_and_lowers_the_others(tiny_base, t
             return losses.tokens_from_positions(logp, mask).sum(-1)
 
     before = sequence_logp()
-    counts = losses.count_normalizers(mask)
-    agg = dict(agg_mode="token-mean", global_tokens=counts["global_tokens"], global_seqs=counts["global_seqs"],
-               max_len=96)
+    _, agg = trainer.aggregation(mask)
     trainer.optimizer.zero_grad()
     trainer._micro_batch_loss(list(range(len(golds))), rollouts, advantages, correct, None, None, 0.0, 0, agg, None)
     trainer.optimizer.step()

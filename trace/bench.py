@@ -368,9 +368,7 @@ def step_setup(s: dict, method: str, model_dir: Path, work: Path):
     correct = (torch.arange(B) % 2 == 0).to(dev)  # half right: a group with reward variance
     advantages = losses.ADVANTAGE_ESTIMATORS[trainer.cfg["advantage"]](correct.float(), B)
     mask = completion_mask.bool().to(dev)
-    counts = losses.count_normalizers(mask)
-    agg = dict(agg_mode=trainer.cfg["agg_mode"], global_tokens=counts["global_tokens"],
-               global_seqs=counts["global_seqs"], max_len=T)
+    _, agg = trainer.aggregation(mask)
     step, lam = 0, trainer.schedule(0)
     routed = teacher_prompts = None
     if trainer.teacher is not None:

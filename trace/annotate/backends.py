@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from .cache import CachedReply, ReplyCache, cache_key
-from .contract import (DEFAULT_ALPHA, MAX_SEGMENT_CHARS, PROMPT_VERSION, ParseResult, ParseStatus, Segment,
+from .contract import (DEFAULT_ALPHA, MAX_SEGMENT_CHARS, PROMPT_VERSION, ParseResult, ParseStatus, Segment, SpanStatus,
                        build_annotation_prompt, build_token_mask, label_to_teacher_prefix, parse_annotation,
                        segment_response)
 
@@ -59,7 +59,7 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class AnnotationResult:
+class AnnotationResult(SpanStatus):
     status: ParseStatus
     spans: tuple[tuple[int, int], ...]      # 0-based inclusive segment ranges (empty unless ok/repaired)
     label: str | None
@@ -72,15 +72,6 @@ class AnnotationResult:
     raw_reply: str | None
     latency_s: float
     from_cache: bool
-
-    @property
-    def has_spans(self) -> bool:
-        return self.status in (ParseStatus.OK, ParseStatus.REPAIRED)
-
-    @property
-    def reason_code(self) -> str | None:
-        """The failure/empty category, e.g. "timeout", "http_429", "unparseable", "invalid"."""
-        return None if self.reason is None else self.reason.split(":", 1)[0]
 
     @property
     def span_kind(self) -> str | None:
@@ -169,6 +160,8 @@ class PromptedAnnotator:
     when a cache is given, so that replies of different annotators never mix.
     """
 
+    name = "prompted"  # shown in log lines
+
     def __init__(self, *, alpha: float = DEFAULT_ALPHA, cache: ReplyCache | None = None,
                  model_identity: Mapping[str, Any] | None = None, max_segment_chars: int = MAX_SEGMENT_CHARS):
         if not 0.0 <= alpha <= 1.0:
@@ -191,13 +184,26 @@ class PromptedAnnotator:
         return text
 
     # -- pipeline ------------------------------------------------------------------------------
-    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
+    def _begin(self, requests: Sequence[AnnotationRequest]) -> tuple[float, AnnotationStats, list[tuple[Segment, ...]]]:
+        """Validate the requests; the call's start time, its counters and each response's segments."""
         started = time.monotonic()
         for i, request in enumerate(requests):
             _check_request(i, request)
-        call = AnnotationStats(requested=len(requests))
-
         segmented = [tuple(segment_response(r.response_text, self.max_segment_chars)) for r in requests]
+        return started, AnnotationStats(requested=len(requests)), segmented
+
+    def _finish(self, call: AnnotationStats, started: float) -> None:
+        """Close the call's counters, log failures (those rollouts train with plain GRPO), keep the stats."""
+        call.wall_s = time.monotonic() - started
+        if call.failed:
+            logger.warning("annotator %s: %d/%d rollouts failed and train with plain GRPO (%s)", self.name,
+                           call.failed, call.requested,
+                           ", ".join(f"{c}: {n}" for c, n in call.failure_reasons.most_common()))
+        self.last_call_stats = call
+        self.stats.merge(call)
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
+        started, call, segmented = self._begin(requests)
         conversations: dict[str, Messages] = {}   # cache key -> prompt; identical prompts are asked once
         keys: list[str | None] = []
         for request, segments in zip(requests, segmented):
@@ -239,13 +245,7 @@ class PromptedAnnotator:
                           else parse_annotation(completion.text, len(segments), bool(request.is_correct)))
                 results.append(self._result(request, segments, parsed, completion.text,
                                             completion.latency_s, False, call))
-
-        call.wall_s = time.monotonic() - started
-        if call.failed:
-            logger.warning("annotator: %d/%d rollouts failed and train with plain GRPO (%s)", call.failed,
-                           call.requested, ", ".join(f"{c}: {n}" for c, n in call.failure_reasons.most_common()))
-        self.last_call_stats = call
-        self.stats.merge(call)
+        self._finish(call, started)
         return results
 
     def _result(self, request: AnnotationRequest, segments: tuple[Segment, ...], parsed: ParseResult,
@@ -334,3 +334,39 @@ class CallableAnnotator(PromptedAnnotator):
         per_reply = (time.monotonic() - started) / max(len(outputs), 1)
         return [out if isinstance(out, Completion) else Completion(text=out, latency_s=per_reply)
                 for out in outputs]
+
+
+class LocalReplyAnnotator(PromptedAnnotator):
+    """An annotator that WRITES each reply itself instead of prompting a model for it (the toy
+    oracle, the likelihood annotator). Subclasses implement ``replies``; the reply then goes
+    through the same parse / validate / segment→token / cap path and counters as every tier.
+    A fault while writing replies fails the whole call into GRPO-only; it never stops training.
+    """
+    name = "local"
+
+    def replies(self, requests: Sequence[AnnotationRequest],
+                segmented: Sequence[Sequence[Segment]]) -> list[str | None]:
+        """The JSON reply per request (None for a response with no segments)."""
+        raise NotImplementedError
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
+        started, call, segmented = self._begin(requests)
+        try:
+            replies, error = self.replies(requests, segmented), None
+        except Exception as exc:  # noqa: BLE001 - an annotator fault must never stop training
+            replies, error = [None] * len(requests), f"backend_error: {type(exc).__name__}: {str(exc)[:300]}"
+        call.backend_prompts = sum(bool(s) for s in segmented)
+        latency = (time.monotonic() - started) / max(call.backend_prompts, 1)
+        results = []
+        for request, segments, reply in zip(requests, segmented, replies):
+            if not segments:
+                parsed = ParseResult(ParseStatus.EMPTY, reason="empty: the response has no text to annotate")
+            elif error is not None:
+                parsed = ParseResult(ParseStatus.FAILED, reason=error)
+            else:
+                parsed = parse_annotation(reply, len(segments), bool(request.is_correct))
+            results.append(self._result(request, segments, parsed, reply, latency if segments else 0.0, False, call))
+        call.latency_s_sum = latency * call.backend_prompts
+        call.latency_s_max = latency if call.backend_prompts else 0.0
+        self._finish(call, started)
+        return results

@@ -229,13 +229,10 @@ class ParseStatus(str, enum.Enum):
     FAILED = "failed"      # unusable: the rollout gets no spans and trains with plain GRPO
 
 
-@dataclass(frozen=True)
-class ParseResult:
+class SpanStatus:
+    """What a parse (or an annotation built on it) says about spans, from its ``status`` and ``reason``."""
     status: ParseStatus
-    spans: tuple[tuple[int, int], ...] = ()   # 0-based inclusive segment ranges, sorted, disjoint
-    label: str | None = None
-    reason: str | None = None                 # "<code>: <detail>" when failed/empty
-    repairs: tuple[str, ...] = ()
+    reason: str | None
 
     @property
     def has_spans(self) -> bool:
@@ -243,7 +240,17 @@ class ParseResult:
 
     @property
     def reason_code(self) -> str | None:
+        """The failure/empty category, e.g. "timeout", "http_429", "unparseable", "invalid"."""
         return None if self.reason is None else self.reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class ParseResult(SpanStatus):
+    status: ParseStatus
+    spans: tuple[tuple[int, int], ...] = ()   # 0-based inclusive segment ranges, sorted, disjoint
+    label: str | None = None
+    reason: str | None = None                 # "<code>: <detail>" when failed/empty
+    repairs: tuple[str, ...] = ()
 
 
 def _failed(reason: str, repairs: Sequence[str] = ()) -> ParseResult:

@@ -61,18 +61,13 @@ toy-small as the annotator, 0.42-0.58 s with toy-large (``annotator/wall_s`` in 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from .backends import AnnotationRequest, AnnotationStats, PromptedAnnotator, _check_request
-from .contract import (ERROR_LABELS, KEY_LABELS, ParseResult, ParseStatus, Segment, coverage_budget,
-                       parse_annotation, segment_response)
-
-logger = logging.getLogger(__name__)
+from .backends import AnnotationRequest, LocalReplyAnnotator
+from .contract import ERROR_LABELS, KEY_LABELS, Segment, coverage_budget
 
 CONTEXTS = ("problem", "reference")
 DEFAULT_ERROR_THRESHOLD = 1.5   # nats per segment (?): tuned on toy rollouts; robust over 1.0-2.0
@@ -203,18 +198,15 @@ def response_surprisal(model, tokenizer, contexts: Sequence[str], responses: Seq
     return out
 
 
-ModelRef = Any  # a torch model, or a zero-argument callable returning one (resolved at each call)
-
-
-class LikelihoodAnnotator(PromptedAnnotator):
+class LikelihoodAnnotator(LocalReplyAnnotator):
     """Marks spans from an annotator model's likelihoods (module docstring) behind the contract.
 
     ``model`` is the annotator network itself -- for the self tier the LIVE policy object, so
-    the annotation follows every optimizer step -- or a callable returning it. The model is put
-    in eval mode for the forward and its train/eval mode is restored afterwards.
+    the annotation follows every optimizer step. The model is put in eval mode for the forward
+    and its train/eval mode is restored afterwards.
     """
 
-    def __init__(self, model: ModelRef, tokenizer, *, context: str = "problem",
+    def __init__(self, model: torch.nn.Module, tokenizer, *, context: str = "problem",
                  error_threshold: float = DEFAULT_ERROR_THRESHOLD, key_threshold: float = DEFAULT_KEY_THRESHOLD,
                  batch_size: int = 64, thinking: bool = False, name: str = "likelihood", **kwargs: Any):
         if context not in CONTEXTS:
@@ -223,14 +215,10 @@ class LikelihoodAnnotator(PromptedAnnotator):
         if batch_size < 1:
             raise ValueError(f"annotator.batch_size must be >= 1, got {batch_size}")
         super().__init__(**kwargs)
-        self._model = model
+        self.model = model
         self.tokenizer = tokenizer
         self.context, self.thinking, self.batch_size, self.name = context, thinking, batch_size, name
         self.error_threshold, self.key_threshold = float(error_threshold), float(key_threshold)
-
-    @property
-    def model(self):
-        return self._model() if callable(self._model) and not isinstance(self._model, torch.nn.Module) else self._model
 
     def context_text(self, request: AnnotationRequest) -> str:
         from trace.prompting import render_prompt
@@ -262,41 +250,7 @@ class LikelihoodAnnotator(PromptedAnnotator):
 
     def replies(self, requests: Sequence[AnnotationRequest],
                 segmented: Sequence[Sequence[Segment]]) -> list[str | None]:
-        """The JSON reply per request (None for a response with no segments)."""
         return [None if scores is None else
                 likelihood_reply(segments, scores, bool(request.is_correct), self.alpha, self.error_threshold,
                                  self.key_threshold)
                 for request, segments, scores in zip(requests, segmented, self.score(requests, segmented))]
-
-    def annotate(self, requests: Sequence[AnnotationRequest]):
-        started = time.monotonic()
-        for i, request in enumerate(requests):
-            _check_request(i, request)
-        call = AnnotationStats(requested=len(requests))
-        segmented = [tuple(segment_response(r.response_text, self.max_segment_chars)) for r in requests]
-        try:
-            replies = self.replies(requests, segmented)
-            error = None
-        except Exception as exc:  # noqa: BLE001 - an annotator fault must never stop training
-            replies, error = [None] * len(requests), f"backend_error: {type(exc).__name__}: {str(exc)[:300]}"
-        call.backend_prompts = sum(bool(s) for s in segmented)
-        latency = (time.monotonic() - started) / max(call.backend_prompts, 1)
-        results = []
-        for request, segments, reply in zip(requests, segmented, replies):
-            if not segments:
-                parsed = ParseResult(ParseStatus.EMPTY, reason="empty: the response has no text to annotate")
-            elif error is not None:
-                parsed = ParseResult(ParseStatus.FAILED, reason=error)
-            else:
-                parsed = parse_annotation(reply, len(segments), bool(request.is_correct))
-            results.append(self._result(request, segments, parsed, reply, latency if segments else 0.0, False, call))
-        call.latency_s_sum = latency * call.backend_prompts
-        call.latency_s_max = latency if call.backend_prompts else 0.0
-        call.wall_s = time.monotonic() - started
-        if call.failed:
-            logger.warning("likelihood annotator %s: %d/%d rollouts failed and train with plain GRPO (%s)", self.name,
-                           call.failed, call.requested, error)
-        self.last_call_stats = call
-        self.stats.merge(call)
-        return results
-

@@ -51,8 +51,7 @@ def weights_fingerprint(path: Path | str) -> str:
 class HFChatGenerate:
     """``generate(conversations) -> replies`` with a local model, through ``HFRolloutEngine``.
 
-    ``model`` is the network itself (for the self tier: the live policy object) or a zero-argument
-    callable returning it. ``sampling`` holds temperature / top_p / top_k (used when
+    ``model`` is the network itself (for the self tier: the live policy object). ``sampling`` holds temperature / top_p / top_k (used when
     ``do_sample``); ``max_new_tokens`` bounds each reply.
     """
 
@@ -62,7 +61,7 @@ class HFChatGenerate:
 
         if batch_size < 1:
             raise ValueError(f"annotator.batch_size must be >= 1, got {batch_size}")
-        self._model, self.tokenizer, self.thinking, self.batch_size = model, tokenizer, thinking, batch_size
+        self.model, self.tokenizer, self.thinking, self.batch_size = model, tokenizer, thinking, batch_size
         settings = dict(sampling or {})
         if do_sample:
             missing = [k for k in ("temperature", "top_p", "top_k") if k not in settings]
@@ -71,18 +70,13 @@ class HFChatGenerate:
         settings.update(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample))
         self.engine = HFRolloutEngine(tokenizer, settings)
 
-    @property
-    def model(self):
-        return self._model() if callable(self._model) and not isinstance(self._model, torch.nn.Module) else self._model
-
     def render(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
                                                   enable_thinking=self.thinking)
 
     def __call__(self, conversations: Sequence[Messages]) -> list[str]:
-        model = self.model
         prompts = [self.render(c) for c in conversations]
         replies: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
-            replies.extend(self.engine.generate(model, prompts[start:start + self.batch_size], 1).texts)
+            replies.extend(self.engine.generate(self.model, prompts[start:start + self.batch_size], 1).texts)
         return replies

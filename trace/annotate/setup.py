@@ -59,6 +59,11 @@ def _section(ann: Mapping[str, Any], name: str, known: set[str]) -> dict:
     return dict(section)
 
 
+def _http_annotator(ann: dict, common: dict):
+    """A model behind an OpenAI-compatible server (the api tier, or a served frozen model)."""
+    return build_annotator({"backend": "http", **common, "cache_dir": ann.get("cache_dir"), "http": ann["http"]})
+
+
 def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None):
     """None for methods that route without annotations; otherwise the configured tier.
 
@@ -82,16 +87,14 @@ def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None):
     if tier == "api":
         if not ann.get("http"):
             raise ValueError("annotator.tier 'api' needs annotator.http (base_url, model, api_key_env)")
-        return build_annotator({"backend": "http", **common, "cache_dir": ann.get("cache_dir"), "http": ann["http"]})
+        return _http_annotator(ann, common)
     if tier not in MODEL_TIERS:
         raise ValueError(f"unknown annotator tier {tier!r} (config key annotator.tier); choose from {TIERS}")
 
     mode = ann.get("mode") or "likelihood"
     if mode not in MODES:
         raise ValueError(f"unknown annotator mode {mode!r} (config key annotator.mode); choose from {MODES}")
-    batch_size = int(ann.get("batch_size") or 64)
-    if batch_size < 1:
-        raise ValueError(f"annotator.batch_size must be >= 1, got {batch_size}")
+    batch_size = int(ann.get("batch_size") or 64)  # checked (>= 1) by the annotator it is passed to
     if tier == "self" and ann.get("cache_dir"):
         raise ValueError("annotator.cache_dir must be null for the self tier: the live policy's replies change "
                          "as it trains")
@@ -109,8 +112,7 @@ def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None):
         model = policy
     elif tier == "frozen" and not ann.get("model"):
         if mode == "prompted" and ann.get("http"):
-            return build_annotator({"backend": "http", **common, "cache_dir": ann.get("cache_dir"),
-                                    "http": ann["http"]})
+            return _http_annotator(ann, common)
         raise ValueError("annotator.tier 'frozen' needs annotator.model (a local model folder, e.g. the toy-large "
                          "base or Qwen3-32B)" + ("" if mode == "likelihood" else " or annotator.http (a served model)"))
     else:

@@ -8,13 +8,12 @@ the strong-API tier (qwen3.5-plus) of the paper: the best annotation available i
 from __future__ import annotations
 
 import json
-import time
 from typing import Sequence
 
 from trace.toy.task import oracle_spans
 
-from .backends import AnnotationRequest, AnnotationResult, AnnotationStats, PromptedAnnotator
-from .contract import ParseResult, ParseStatus, Segment, parse_annotation, segment_response
+from .backends import AnnotationRequest, LocalReplyAnnotator
+from .contract import Segment
 
 
 def _segments_of_lines(segments: Sequence[Segment], text: str, lines: Sequence[int]) -> list[int]:
@@ -34,20 +33,10 @@ def oracle_reply(request: AnnotationRequest, segments: Sequence[Segment]) -> str
     return json.dumps({field: [[i + 1, i + 1] for i in marked], "label": verdict.label})
 
 
-class ToyOracleAnnotator(PromptedAnnotator):
-    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[AnnotationResult]:
-        started = time.monotonic()
-        call = AnnotationStats(requested=len(requests))
-        results = []
-        for request in requests:
-            segments = tuple(segment_response(request.response_text, self.max_segment_chars))
-            if not segments:
-                parsed, reply = ParseResult(ParseStatus.EMPTY, reason="empty: no text to annotate"), None
-            else:
-                reply = oracle_reply(request, segments)
-                parsed = parse_annotation(reply, len(segments), bool(request.is_correct))
-            results.append(self._result(request, segments, parsed, reply, 0.0, False, call))
-        call.wall_s = time.monotonic() - started
-        self.last_call_stats = call
-        self.stats.merge(call)
-        return results
+class ToyOracleAnnotator(LocalReplyAnnotator):
+    name = "toy_oracle"
+
+    def replies(self, requests: Sequence[AnnotationRequest],
+                segmented: Sequence[Sequence[Segment]]) -> list[str | None]:
+        return [oracle_reply(request, segments) if segments else None
+                for request, segments in zip(requests, segmented)]

@@ -167,7 +167,7 @@ class Trainer:
         return routed, prefixes, stats
 
     def train_step(self, step: int) -> dict:
-        cfg, kl, G = self.cfg, self.cfg["kl"], self.cfg["group_size"]
+        cfg, G = self.cfg, self.cfg["group_size"]
         started = time.time()
         torch.manual_seed(cfg["seed"] * 1_000_003 + step)
 
@@ -202,9 +202,7 @@ class Trainer:
 
         # 5. loss over micro-batches with global normalisers, one optimizer step
         mask = rollouts.completion_mask.bool()
-        counts = losses.count_normalizers(mask)
-        agg = dict(agg_mode=cfg["agg_mode"], global_tokens=counts["global_tokens"],
-                   global_seqs=counts["global_seqs"], max_len=cfg["sampling"]["max_new_tokens"])
+        counts, agg = self.aggregation(mask)
         srpo_weight_mean = (self._srpo_global_weight_mean(rollouts, correct, teacher_prompts)
                             if teacher_on and self.method.objective == "srpo" else None)
         self.policy.train()
@@ -244,6 +242,13 @@ class Trainer:
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
         return row
+
+    def aggregation(self, mask: torch.Tensor) -> tuple[dict, dict]:
+        """Token counts of the WHOLE optimizer batch, and the aggregation arguments built on them
+        that every micro-batch's loss is normalised by (never per micro-batch)."""
+        counts = losses.count_normalizers(mask)
+        return counts, dict(agg_mode=self.cfg["agg_mode"], global_tokens=counts["global_tokens"],
+                            global_seqs=counts["global_seqs"], max_len=self.cfg["sampling"]["max_new_tokens"])
 
     @torch.no_grad()
     def _srpo_global_weight_mean(self, rollouts, correct, teacher_prompts) -> torch.Tensor:

@@ -19,14 +19,15 @@ def runs_of(model):
     return runs
 
 
-def trained_policies(model):
-    """Policy names as they appear in results/eval/<model>/<policy>/: 'base' plus every run."""
-    return ["base"] + [f"{run}-seed{seed}" for run in runs_of(model) for seed in SEEDS]
+def evaluations_of(model, runs):
+    """Result files of the base and the given runs on one model; policy names as they appear in
+    results/eval/<model>/<policy>/: 'base' and '<run>-seed<s>'."""
+    policies = ["base"] + [f"{run}-seed{seed}" for run in runs for seed in SEEDS]
+    return [f"results/eval/{model}/{policy}/{benchmark}.json" for policy in policies for benchmark in BENCHMARKS]
 
 
 def all_evaluations():
-    return [f"results/eval/{model}/{policy}/{benchmark}.json"
-            for model in MODELS for policy in trained_policies(model) for benchmark in BENCHMARKS]
+    return [path for model in MODELS for path in evaluations_of(model, runs_of(model))]
 
 
 def all_training_metrics():

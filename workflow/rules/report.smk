@@ -34,11 +34,6 @@ rule report:
 
 # Targets for one part of the study (trained and evaluated, no report): e.g.
 #   snakemake --cores 2 mask_localisation     # the Table 4 runs on their model (paper: Qwen3-1.7B)
-def evaluations_of(model, runs):
-    policies = ["base"] + [f"{run}-seed{seed}" for run in runs for seed in SEEDS]
-    return [f"results/eval/{model}/{policy}/{benchmark}.json" for policy in policies for benchmark in BENCHMARKS]
-
-
 rule main_table:
     input:
         [evaluations_of(model, METHODS) for model in MODELS],
