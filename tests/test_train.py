@@ -70,6 +70,25 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_base, toy_data, tmp_path):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2]
 
 
+def test_changed_settings_do_not_resume_a_stale_checkpoint(tiny_base, toy_data, tmp_path):
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()  # leaves a checkpoint at step 1
+    changed = make_trainer(run_config(steps=2, lr=5e-4), tiny_base, toy_data, run)
+    assert changed.start_step == 0
+    changed.fit()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1]
+
+
+def test_a_fresh_start_drops_rows_of_a_killed_attempt(tiny_base, toy_data, tmp_path):
+    run = tmp_path / "run"
+    (run / "work").mkdir(parents=True)
+    (run / "work" / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.5}\n')  # killed before a checkpoint
+    trainer = make_trainer(run_config(steps=2, save_every=10), tiny_base, toy_data, run)
+    assert trainer.start_step == 0
+    trainer.fit()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1]
+
+
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"grpo"}))
 def test_every_method_trains_with_its_teacher(method, tiny_base, toy_data, tmp_path):
     cfg = run_config(method, steps=1, save_every=10)

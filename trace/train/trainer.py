@@ -12,6 +12,7 @@ Read ``train_step`` top to bottom; each paper concept is one named thing:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -65,6 +66,7 @@ class Trainer:
         self.device = torch.device(cfg.get("device", "cpu") if cfg.get("device", "auto") != "auto"
                                    else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.fingerprint = run_fingerprint(cfg, base_model)
         self.start_step = self._resume_step()
         weights = self.run.checkpoint if self.start_step > 0 else base_model
         dtype = getattr(torch, cfg.get("dtype", "float32"))
@@ -94,10 +96,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ resumability
     def _resume_step(self) -> int:
+        """Where to start: the checkpoint's next step if it belongs to THIS run (same settings and
+        base weights; only ``steps`` / ``save_every`` may differ, to extend a run), else 0."""
         state = self.run.checkpoint / "trainer_state.pt"
         if not state.exists():
             return 0
-        return int(torch.load(state, weights_only=False)["next_step"])
+        saved = torch.load(state, weights_only=False)
+        if saved.get("fingerprint") != self.fingerprint:
+            log.warning("ignoring the checkpoint in %s: it was written with other settings or base weights; "
+                        "training from step 0", self.run.checkpoint)
+            return 0
+        return int(saved["next_step"])
 
     def _load_trainer_state(self) -> None:
         state = torch.load(self.run.checkpoint / "trainer_state.pt", weights_only=False)
@@ -116,8 +125,8 @@ class Trainer:
         self.policy.save_pretrained(tmp)
         teacher_state = (self.teacher.model.state_dict()
                          if self.teacher is not None and self.teacher.mode == "ema" else None)
-        torch.save({"next_step": next_step, "optimizer": self.optimizer.state_dict(), "teacher": teacher_state},
-                   tmp / "trainer_state.pt")
+        torch.save({"next_step": next_step, "optimizer": self.optimizer.state_dict(), "teacher": teacher_state,
+                    "fingerprint": self.fingerprint}, tmp / "trainer_state.pt")
         shutil.rmtree(self.run.checkpoint, ignore_errors=True)
         tmp.rename(self.run.checkpoint)
 
@@ -353,7 +362,8 @@ class Trainer:
         cfg = self.cfg
         self.run.work.mkdir(parents=True, exist_ok=True)
         steps = range(self.start_step, cfg["steps"])
-        with open(self.run.live_metrics, "a") as live:
+        # a fresh start drops rows of an earlier attempt (killed before its first checkpoint)
+        with open(self.run.live_metrics, "a" if self.start_step > 0 else "w") as live:
             for step in tqdm(steps, desc=f"{cfg['method']} seed{cfg['seed']}", initial=self.start_step,
                              total=cfg["steps"], mininterval=10):
                 row = self.train_step(step)
@@ -367,6 +377,15 @@ class Trainer:
         self.tokenizer.save_pretrained(self.run.model)
         shutil.copyfile(self.run.live_metrics, self.run.metrics)
         return self.run.model
+
+
+def run_fingerprint(cfg: dict, base_model: Path) -> str:
+    """The run's settings (minus the step budget and checkpoint period) and its base weights."""
+    from trace.annotate.local import weights_fingerprint
+
+    settings = {k: v for k, v in cfg.items() if k not in ("steps", "save_every")}
+    text = json.dumps(settings, sort_keys=True, default=str) + weights_fingerprint(base_model)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _micro_batches(n: int, size: int) -> list[list[int]]:
