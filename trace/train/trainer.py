@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -30,6 +31,7 @@ from trace.methods import MethodSpec, get_method
 from trace.prompting import render_prompt
 from trace.router import CORNERS, RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
+from trace.train.distributed import Distributed, rollout_options, token_budget_plan, trim_micro_batch
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
 from trace.train.rollout import HFRolloutEngine, RolloutBatch
 from trace.train.teacher import Teacher, teacher_prompt
@@ -63,14 +65,16 @@ class Trainer:
         self.cfg, self.run = cfg, RunDir(run_dir)
         self.method: MethodSpec = get_method(cfg["method"])
         self.records = [r for r in load_records(train_path) if r.get("answer") not in (None, "")]
-        self.device = torch.device(cfg.get("device", "cpu") if cfg.get("device", "auto") != "auto"
-                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = Distributed(cfg.get("device", "auto"))  # one plain process unless launched by torchrun
+        self.device = self.dist.device
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.fingerprint = run_fingerprint(cfg, base_model)
         self.start_step = self._resume_step()
         weights = self.run.checkpoint if self.start_step > 0 else base_model
         dtype = getattr(torch, cfg.get("dtype", "float32"))
-        self.policy = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype).to(self.device)
+        self.policy = self.dist.prepare(
+            AutoModelForCausalLM.from_pretrained(weights, dtype=self.dist.storage_dtype(dtype)).to(self.device),
+            dtype, cfg.get("activation_checkpointing", False))
         self.policy.config.use_cache = True
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                            weight_decay=cfg["weight_decay"])
@@ -79,10 +83,14 @@ class Trainer:
         self.schedule = LambdaSchedule(self.method.schedule, kl["w0"], kl["warmup"], kl["end"])
         self.teacher = None
         if self.method.uses_teacher and self.schedule.teacher_forward_needed(self.start_step):
-            # frozen = the initial student: load the base weights even when resuming
-            source = (AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
-                      if self.method.teacher == "frozen" else self.policy)
+            # frozen = the initial student: load the base weights even when resuming. A sharded policy
+            # cannot be copied: under torchrun the teacher loads the policy's weights file and is sharded too
+            frozen = self.method.teacher == "frozen"
+            source = (AutoModelForCausalLM.from_pretrained(base_model if frozen else weights,
+                                                           dtype=self.dist.storage_dtype(dtype)).to(self.device)
+                      if frozen or self.dist.active else self.policy)
             self.teacher = Teacher(source, self.method.teacher, kl["teacher_sync_every"], kl["ema_rate"])
+            self.teacher.model = self.dist.prepare(self.teacher.model, dtype)
         if self.method.needs_annotation and self.teacher is not None and annotator is None:
             # the configured tier (train.annotator), built here: the self tier annotates with the live policy
             from trace.annotate.setup import annotator_for
@@ -110,9 +118,12 @@ class Trainer:
 
     def _load_trainer_state(self) -> None:
         state = torch.load(self.run.checkpoint / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_optimizer(self.policy, self.optimizer, self.run.checkpoint, state)
         if self.teacher is not None and state.get("teacher") is not None:
-            self.teacher.model.load_state_dict(state["teacher"])
+            self.dist.load_model_state(self.teacher.model, state["teacher"])
+        self.dist.barrier()  # every rank has read the checkpoint's metrics before rank 0 trims them
+        if not self.dist.is_main:
+            return
         kept = [ln for ln in self.run.live_metrics.read_text().splitlines()
                 if ln.strip() and json.loads(ln)["step"] < self.start_step] if self.run.live_metrics.exists() else []
         self.run.live_metrics.write_text("".join(ln + "\n" for ln in kept))
@@ -121,14 +132,19 @@ class Trainer:
     def _save_checkpoint(self, next_step: int) -> None:
         """Atomic: write beside, then swap, so a kill mid-save keeps the previous checkpoint."""
         tmp = self.run.work / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
-        teacher_state = (self.teacher.model.state_dict()
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.dist.barrier()
+        self.dist.save(self.policy, self.optimizer, tmp)  # under torchrun the optimizer state goes to DCP
+        teacher_state = (self.dist.model_state(self.teacher.model)
                          if self.teacher is not None and self.teacher.mode == "ema" else None)
-        torch.save({"next_step": next_step, "optimizer": self.optimizer.state_dict(), "teacher": teacher_state,
-                    "fingerprint": self.fingerprint}, tmp / "trainer_state.pt")
-        shutil.rmtree(self.run.checkpoint, ignore_errors=True)
-        tmp.rename(self.run.checkpoint)
+        if self.dist.is_main:
+            torch.save({"next_step": next_step, "teacher": teacher_state, "fingerprint": self.fingerprint,
+                        "optimizer": None if self.dist.active else self.optimizer.state_dict()},
+                       tmp / "trainer_state.pt")
+            shutil.rmtree(self.run.checkpoint, ignore_errors=True)
+            tmp.rename(self.run.checkpoint)
+        self.dist.barrier()
 
     # ------------------------------------------------------------------ one step
     def sample_prompts(self, step: int) -> list[dict]:
@@ -159,7 +175,7 @@ class Trainer:
             target = key if result.span_kind == "key" else error
             target[row, :length] = torch.tensor(result.token_mask, dtype=torch.bool)
             prefixes[row] = result.teacher_prefix
-        stats = self.annotator.last_call_stats.as_dict()
+        stats = self.dist.merge_stats(self.annotator.last_call_stats).as_dict()  # over all ranks' rollouts
         return key.to(self.device), error.to(self.device), prefixes, stats
 
     def route(self, step, records, rollouts, correct) -> tuple[RoutedMasks, list[str | None], dict]:
@@ -181,10 +197,12 @@ class Trainer:
         torch.manual_seed(cfg["seed"] * 1_000_003 + step)
 
         # 1. rollouts from the current policy, G per prompt
-        prompt_records = self.sample_prompts(step)
+        first, prompt_records = self.dist.share(self.sample_prompts(step))  # this rank's whole groups
         records = [r for r in prompt_records for _ in range(G)]
         prompts = [render_prompt(self.tokenizer, r, cfg["thinking"]) for r in prompt_records]
-        rollouts = self.engine.generate(self.policy, prompts, G)
+        rollouts = self.engine.generate(self.policy, prompts, G,
+                                        **rollout_options(cfg, self.dist, step, first, len(prompts)))
+        self.dist.reshard(self.policy)
         t_rollout = time.time() - started
 
         # 2. verifiable reward and group-normalised advantages
@@ -199,6 +217,7 @@ class Trainer:
         if self.teacher is not None and not teacher_on:
             self.teacher = self.annotator = None  # frees their weights; pure GRPO from here on
         if teacher_on:
+            self.dist.reshard(self.teacher.model)
             self.teacher.update(self.policy, step)
 
         # 4. span annotation + router: which tokens get a KL channel
@@ -217,35 +236,41 @@ class Trainer:
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for rows in _micro_batches(len(records), cfg["micro_batch_size"]):
-            metrics = self._micro_batch_loss(rows, rollouts, advantages, correct, routed, teacher_prompts,
-                                             lam, step, agg, srpo_weight_mean)
+        plan = (token_budget_plan(rollouts, cfg["micro_batch_tokens"], cfg["micro_batch_size"], self.dist)
+                if cfg.get("micro_batch_tokens") else _micro_batches(len(records), cfg["micro_batch_size"]))
+        for rows in plan:
+            batch = (rows, rollouts, advantages, correct, routed, teacher_prompts)
+            if cfg.get("micro_batch_tokens"):
+                batch = trim_micro_batch(*batch)  # its own padded width: the budget bounds the real work
+            metrics = self._micro_batch_loss(*batch, lam, step, agg, srpo_weight_mean)
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg["grad_clip"])
         self.optimizer.step()
 
+        sums = self.dist.sum_floats(sums)  # every rank's micro-batches (identity in one process)
         n_tokens = float(counts["global_tokens"])
         row = {
             "step": step,
-            "reward_mean": rewards.mean().item(),
-            "accuracy": correct.float().mean().item(),
+            "reward_mean": self.dist.mean(rewards.mean().item()),
+            "accuracy": self.dist.mean(correct.float().mean().item()),
             "entropy": sums.pop("entropy_sum") / n_tokens,
-            "response_length": n_tokens / len(records),
+            "response_length": n_tokens / (len(records) * self.dist.world_size),
             "clip_frac_high": sums.pop("clipped_high") / n_tokens,
             "clip_frac_low": sums.pop("clipped_low") / n_tokens,
-            "grad_norm": float(grad_norm),
+            "grad_norm": self.dist.grad_norm(grad_norm),
             "loss": sums.pop("loss"),
             "lambda": lam,
             "rho": self.schedule.rho(step) if self.method.objective == "trace" else 1.0,
             "teacher_active": int(teacher_on),
-            "groups_with_signal": float((rewards.view(-1, G).std(dim=1) > 0).float().mean()),
+            "groups_with_signal": self.dist.mean(float((rewards.view(-1, G).std(dim=1) > 0).float().mean())),
             "rollout_s": round(t_rollout, 3),
             "step_s": round(time.time() - started, 3),
         }
         if routed is not None:
-            row.update(tokens_key=float(routed.key.sum()), tokens_error=float(routed.error.sum()),
-                       span_coverage=float((routed.key | routed.error).sum()) / n_tokens)
+            row.update(tokens_key=float(self.dist.sum(routed.key.sum())),
+                       tokens_error=float(self.dist.sum(routed.error.sum())),
+                       span_coverage=float(self.dist.sum((routed.key | routed.error).sum())) / n_tokens)
         if "teacher_entropy_sum" in sums:  # per routed (distilled) token, not per micro-batch
             row["teacher_entropy"] = sums.pop("teacher_entropy_sum") / max(sums.pop("teacher_entropy_tokens"), 1.0)
         row.update({name: value for name, value in sums.items()})
@@ -255,7 +280,7 @@ class Trainer:
     def aggregation(self, mask: torch.Tensor) -> tuple[dict, dict]:
         """Token counts of the WHOLE optimizer batch, and the aggregation arguments built on them
         that every micro-batch's loss is normalised by (never per micro-batch)."""
-        counts = losses.count_normalizers(mask)
+        counts = {name: self.dist.sum(count) for name, count in losses.count_normalizers(mask).items()}  # all ranks
         return counts, dict(agg_mode=self.cfg["agg_mode"], global_tokens=counts["global_tokens"],
                             global_seqs=counts["global_seqs"], max_len=self.cfg["sampling"]["max_new_tokens"])
 
@@ -271,14 +296,14 @@ class Trainer:
         temperature, chunk = self.cfg["sampling"]["temperature"], self.cfg["logprob_chunk"]
         for rows in _micro_batches(len(teacher_prompts), self.cfg["micro_batch_size"]):
             failed = rollouts.completion_mask[rows].bool() & ~correct[rows].bool().unsqueeze(-1)
-            if not failed.any():
+            if not failed.any() and not self.dist.active:  # every rank must run the sharded teacher alike
                 continue
             hidden = self.teacher.hidden_states(self.tokenizer, [teacher_prompts[i] for i in rows],
                                                 rollouts.completion_ids[rows], rollouts.completion_mask[rows])
             entropy = losses.chunked_entropy(hidden[failed], self.teacher.lm_head_weight, chunk, temperature)
             total += torch.exp(-self.cfg["kl"]["srpo_entropy_beta"] * entropy.float()).sum()
             count += int(failed.sum())
-        return total / max(count, 1)
+        return self.dist.sum(total) / max(int(self.dist.sum(torch.tensor(count, device=self.device))), 1)
 
     def _micro_batch_loss(self, rows, rollouts, advantages, correct, routed, teacher_prompts, lam, step,
                           agg, srpo_weight_mean) -> dict[str, float]:
@@ -363,9 +388,10 @@ class Trainer:
         self.run.work.mkdir(parents=True, exist_ok=True)
         steps = range(self.start_step, cfg["steps"])
         # a fresh start drops rows of an earlier attempt (killed before its first checkpoint)
-        with open(self.run.live_metrics, "a" if self.start_step > 0 else "w") as live:
+        with (open(self.run.live_metrics, "a" if self.start_step > 0 else "w") if self.dist.is_main
+              else open(os.devnull, "w")) as live:  # rank 0 writes the metrics (they are global)
             for step in tqdm(steps, desc=f"{cfg['method']} seed{cfg['seed']}", initial=self.start_step,
-                             total=cfg["steps"], mininterval=10):
+                             total=cfg["steps"], mininterval=10, disable=not self.dist.is_main):
                 row = self.train_step(step)
                 live.write(json.dumps(row) + "\n")
                 live.flush()
@@ -373,17 +399,21 @@ class Trainer:
                          row["entropy"], row["response_length"], row["lambda"], row["step_s"])
                 if (step + 1) % cfg["save_every"] == 0 and step + 1 < cfg["steps"]:
                     self._save_checkpoint(step + 1)
-        self.policy.save_pretrained(self.run.model)
-        self.tokenizer.save_pretrained(self.run.model)
-        shutil.copyfile(self.run.live_metrics, self.run.metrics)
+        self.dist.save(self.policy, None, self.run.model, dtype=getattr(torch, cfg.get("dtype", "float32")))
+        if self.dist.is_main:
+            self.tokenizer.save_pretrained(self.run.model)
+            shutil.copyfile(self.run.live_metrics, self.run.metrics)
+        self.dist.barrier()
         return self.run.model
 
 
 def run_fingerprint(cfg: dict, base_model: Path) -> str:
-    """The run's settings (minus the step budget and checkpoint period) and its base weights."""
+    """The run's settings (minus the step budget, checkpoint period and how the job is laid out over
+    processes: a checkpoint resumes under another world size) and its base weights."""
     from trace.annotate.local import weights_fingerprint
 
-    settings = {k: v for k, v in cfg.items() if k not in ("steps", "save_every")}
+    layout = ("steps", "save_every", "parallel", "activation_checkpointing")
+    settings = {k: v for k, v in cfg.items() if k not in layout}
     text = json.dumps(settings, sort_keys=True, default=str) + weights_fingerprint(base_model)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
