@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name(dist_.device) if dist_.device.type == "cuda" else "cpu"
         print(f"\n# gpu_check: {dist_.world_size} × {name}, Qwen3 hidden {args.hidden} × {args.layers} layers, real "
               f"tokenizer, {args.prompts} prompts × {args.group} rollouts, ≤ {args.max_new_tokens} new tokens, "
-              f"{args.steps} steps; seconds summed over steps (slowest rank), peak memory = max over ranks")
+              f"{args.steps} steps; seconds summed over steps (slowest rank); peak memory: max over ranks of "
+              f"{'max_memory_allocated' if dist_.device.type == 'cuda' else 'the process peak RSS so far'}")
         print("| method | " + " | ".join(f"{p} (s)" for p in PHASES) + " | total (s) | peak memory (MiB) |")
         print("|---|" + "---:|" * (len(PHASES) + 2))
         for method, r in results.items():
