@@ -135,7 +135,7 @@ def materialise(name: str, entry: Mapping, out_dir: Path, train_data: Path | Non
 
 
 # ------------------------------------------------------------------------------ CPU smoke models
-SMOKE_THINK_CHARS = 80  # how much of the reference solution the smoke SFT target keeps as "thinking"
+SMOKE_THINK_CHARS = 40  # how much of the reference solution the smoke SFT target keeps as "thinking"
 
 
 def smoke_sft_target(record: dict) -> str:

@@ -113,6 +113,11 @@ STAGES = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["smoke"]:  # everything after `smoke` belongs to Snakemake
+        from trace.smoke import run_smoke
+
+        sys.exit(run_smoke(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m trace", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     for name, (_, options) in STAGES.items():
@@ -123,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                                nargs="+" if option.endswith("+") else None)
     from trace.bench import add_arguments as add_bench_arguments
 
+    sub.add_parser("smoke", help="the paper path on CPU: start the smoke's annotator server, run "
+                                 "workflow/configs/paper_smoke.yaml through Snakemake, stop the server; "
+                                 "further arguments go to Snakemake (default: --cores 2)")
     bench = sub.add_parser("bench", help="memory and time: routed vs all-token KL, TRACE vs GRPO step loss phase")
     add_bench_arguments(bench)
     bench.set_defaults(cfg="{}")

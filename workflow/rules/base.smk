@@ -20,7 +20,18 @@ if STUDY == "toy":
 
 else:
     base_model_lib = _load_by_path("trace_base_model", "trace/base_model.py")
-    BASE_ENTRIES = {**ANNOTATOR_MODELS, **config["models"]}
+
+    def _resolved(entry):
+        """Relative paths in a model entry are relative to the repo root (like real_data.mirror_dir)."""
+        entry = json.loads(json.dumps(entry))
+        if entry.get("path"):
+            entry["path"] = str((REPO / Path(entry["path"]).expanduser()).resolve())
+        if entry.get("init"):
+            for key in ("config", "tokenizer"):
+                entry["init"][key] = str((REPO / entry["init"][key]).resolve())
+        return entry
+
+    BASE_ENTRIES = {name: _resolved(entry) for name, entry in {**config["models"], **ANNOTATOR_MODELS}.items()}
     # Fail while planning (seconds), not in a job hours later: every model must be obtainable here.
     for _name, _entry in BASE_ENTRIES.items():
         _section = "models" if _name in config["models"] else "annotator_models"
