@@ -2,6 +2,7 @@
 method trains, and λ = 0 for good means no teacher at all."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -166,3 +167,73 @@ def test_a_grpo_step_raises_rewarded_rollouts_and_lowers_the_others(tiny_base, t
     trainer.optimizer.step()
     change = sequence_logp() - before
     assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()
+
+
+# ------------------------------------------------------------------ issue 12: checkpoints and resume
+def test_fingerprint_hashes_weight_content_not_timestamps(tiny_base, tmp_path):
+    """Copying results/ with tar or rsync changes mtimes, never the content: checkpoints stay valid."""
+    import os
+    import shutil
+
+    from trace.annotate.local import weights_fingerprint
+    from trace.train.trainer import run_fingerprint
+
+    copy_dir = tmp_path / "copied_base"
+    shutil.copytree(tiny_base, copy_dir)
+    for f in copy_dir.iterdir():
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))   # as an archive restore would set them
+    cfg = run_config()
+    assert weights_fingerprint(copy_dir) == weights_fingerprint(tiny_base)
+    assert run_fingerprint(cfg, copy_dir) == run_fingerprint(cfg, tiny_base)
+    weights = next(f for f in copy_dir.iterdir() if f.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF                                      # one changed byte, same size and mtime
+    stat = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights_fingerprint(copy_dir) != weights_fingerprint(tiny_base)
+
+
+def test_a_checkpoint_survives_touched_base_weights(tiny_base, toy_data, tmp_path):
+    import os
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2), base, toy_data, run).fit()
+    for f in base.iterdir():
+        os.utime(f)                                       # e.g. results/ restored from a tar archive
+    assert make_trainer(run_config(steps=3), base, toy_data, run).start_step >= 1
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(os.environ["TRACE_TEST_MARKER"]),))
+
+
+def test_trainer_state_is_loaded_without_running_code(tiny_base, toy_data, tmp_path, monkeypatch):
+    """A swapped trainer_state.pt must not run code (torch.load(weights_only=True)); the error names the file."""
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()
+    state_path = run / "work" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("TRACE_TEST_MARKER", str(marker))
+    torch.save({**state, "payload": _RunsCodeWhenUnpickled()}, state_path)
+    with pytest.raises(ValueError, match="trainer_state.pt") as error:
+        make_trainer(run_config(steps=3), tiny_base, toy_data, run)
+    assert not marker.exists()
+    assert "delete" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_corrupt_checkpoint_weights_name_the_file(tiny_base, toy_data, tmp_path):
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()
+    weights = next((run / "work" / "checkpoint").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])       # truncated by a full disk
+    with pytest.raises(ValueError, match="checkpoint") as error:
+        make_trainer(run_config(steps=3), tiny_base, toy_data, run)
+    assert str(run / "work" / "checkpoint") in str(error.value) and "\n" not in str(error.value)

@@ -49,6 +49,25 @@ class RunDir:
         self.model = self.root / "model"
         self.metrics = self.root / "metrics.jsonl"
 
+    @property
+    def trainer_state(self) -> Path:
+        return self.checkpoint / "trainer_state.pt"
+
+    def load_trainer_state(self) -> dict:
+        """The checkpoint's trainer state: tensors and plain types only (weights_only=True: a swapped
+        file cannot run code)."""
+        return self.load_checkpoint_part("trainer state",
+                                         lambda: torch.load(self.trainer_state, weights_only=True), self.trainer_state)
+
+    def load_checkpoint_part(self, what: str, load, path: Path):
+        """load(), or one clear line naming the file and what to do (no traceback from a library)."""
+        try:
+            return load()
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unusable checkpoint
+            detail = " ".join(str(exc).split())[:300]
+            raise ValueError(f"checkpoint {what} {path} cannot be loaded ({type(exc).__name__}: {detail}); "
+                             f"delete {self.work} to train this run from step 0") from None
+
 
 def load_records(path: Path) -> list[dict]:
     if not Path(path).exists():
@@ -68,9 +87,12 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.fingerprint = run_fingerprint(cfg, base_model)
         self.start_step = self._resume_step()
-        weights = self.run.checkpoint if self.start_step > 0 else base_model
         dtype = getattr(torch, cfg.get("dtype", "float32"))
-        self.policy = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype).to(self.device)
+        if self.start_step > 0:
+            self.policy = self.run.load_checkpoint_part("weights", lambda: AutoModelForCausalLM.from_pretrained(
+                self.run.checkpoint, dtype=dtype).to(self.device), self.run.checkpoint)
+        else:
+            self.policy = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
         self.policy.config.use_cache = True
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                            weight_decay=cfg["weight_decay"])
@@ -98,10 +120,9 @@ class Trainer:
     def _resume_step(self) -> int:
         """Where to start: the checkpoint's next step if it belongs to THIS run (same settings and
         base weights; only ``steps`` / ``save_every`` may differ, to extend a run), else 0."""
-        state = self.run.checkpoint / "trainer_state.pt"
-        if not state.exists():
+        if not self.run.trainer_state.exists():
             return 0
-        saved = torch.load(state, weights_only=False)
+        saved = self.run.load_trainer_state()
         if saved.get("fingerprint") != self.fingerprint:
             log.warning("ignoring the checkpoint in %s: it was written with other settings or base weights; "
                         "training from step 0", self.run.checkpoint)
@@ -109,7 +130,7 @@ class Trainer:
         return int(saved["next_step"])
 
     def _load_trainer_state(self) -> None:
-        state = torch.load(self.run.checkpoint / "trainer_state.pt", weights_only=False)
+        state = self.run.load_trainer_state()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.model.load_state_dict(state["teacher"])
