@@ -237,3 +237,40 @@ def test_corrupt_checkpoint_weights_name_the_file(tiny_base, toy_data, tmp_path)
     with pytest.raises(ValueError, match="checkpoint") as error:
         make_trainer(run_config(steps=3), tiny_base, toy_data, run)
     assert str(run / "work" / "checkpoint") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_truncated_training_jsonl_names_the_file_and_line(toy_data, tmp_path):
+    from trace.train.trainer import load_records
+
+    lines = (toy_data / "train.jsonl").read_text().splitlines()[:3]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines[:2] + [lines[2][: len(lines[2]) // 2]]) + "\n")   # killed mid-write
+    with pytest.raises(ValueError) as error:
+        load_records(data)
+    message = str(error.value)
+    assert f"{data} line 3" in message and "\n" not in message and "rerun" in message
+
+
+def test_cli_errors_are_one_line_naming_the_file(tiny_base, toy_data, tmp_path):
+    """Through `python -m trace train`: a missing base folder and a truncated JSONL each give one
+    error line naming the file (not "Repo id must be in the form ..." or a JSONDecodeError)."""
+    import subprocess
+    import sys
+
+    cfg = json.dumps(run_config())
+    bad_data = tmp_path / "train.jsonl"
+    bad_data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+')
+
+    def run(base, data):
+        return subprocess.run([sys.executable, "-m", "trace", "train", "--cfg", cfg, "--base", str(base),
+                               "--train-data", str(data), "--run-dir", str(tmp_path / "run")],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    missing = run(tmp_path / "no-such-base", toy_data / "train.jsonl")
+    assert missing.returncode == 2 and "Repo id" not in missing.stderr and "Traceback" not in missing.stderr
+    (line,) = [ln for ln in missing.stderr.splitlines() if "ERROR" in ln]
+    assert str(tmp_path / "no-such-base") in line and "does not exist" in line
+    truncated = run(tiny_base, bad_data)
+    (line,) = [ln for ln in truncated.stderr.splitlines() if "ERROR" in ln]
+    assert truncated.returncode == 2 and f"{bad_data} line 2" in line and "Traceback" not in truncated.stderr

@@ -72,13 +72,30 @@ class RunDir:
 def load_records(path: Path) -> list[dict]:
     if not Path(path).exists():
         raise FileNotFoundError(f"training data {path} does not exist (run the data rule first)")
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"training data {path} line {number} is not valid JSON ({exc.msg} at column "
+                                 f"{exc.colno}; a truncated file?): rerun the data rule that writes it") from None
+    return records
+
+
+def require_model_folder(path: Path, what: str) -> None:
+    """A local Hugging Face folder, or one clear error (not the hub's "Repo id must be in the form")."""
+    if not (Path(path) / "config.json").is_file():
+        problem = "does not exist" if not Path(path).exists() else "has no config.json"
+        raise FileNotFoundError(f"{what} folder {path} {problem}: build it first (its Snakemake rule) "
+                                "or fix the path")
 
 
 class Trainer:
     def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        require_model_folder(base_model, "base model (--base)")
         self.cfg, self.run = cfg, RunDir(run_dir)
         self.method: MethodSpec = get_method(cfg["method"])
         self.records = [r for r in load_records(train_path) if r.get("answer") not in (None, "")]
