@@ -60,9 +60,23 @@ def test_two_grpo_steps_change_weights_and_write_metrics(tiny_base, toy_data, tm
     assert (tmp_path / "run" / "model" / "config.json").exists()
 
 
+def fit_killed_at(trainer, step):
+    """fit() until the job is killed while training ``step`` (as by SLURM or Ctrl-C)."""
+    train_step = trainer.train_step
+
+    def killed(s):
+        if s == step:
+            raise KeyboardInterrupt
+        return train_step(s)
+
+    trainer.train_step = killed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_base, toy_data, tmp_path):
     run = tmp_path / "run"
-    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()  # checkpoint after step 0
+    fit_killed_at(make_trainer(run_config(steps=2), tiny_base, toy_data, run), 1)  # checkpoint after step 0
     state = torch.load(run / "work" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_step"] == 1
     resumed = make_trainer(run_config(steps=3), tiny_base, toy_data, run)
@@ -73,7 +87,7 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_base, toy_data, tmp_path):
 
 def test_changed_settings_do_not_resume_a_stale_checkpoint(tiny_base, toy_data, tmp_path):
     run = tmp_path / "run"
-    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()  # leaves a checkpoint at step 1
+    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()  # leaves a checkpoint at step 2
     changed = make_trainer(run_config(steps=2, lr=5e-4), tiny_base, toy_data, run)
     assert changed.start_step == 0
     changed.fit()
@@ -274,3 +288,25 @@ def test_cli_errors_are_one_line_naming_the_file(tiny_base, toy_data, tmp_path):
     truncated = run(tiny_base, bad_data)
     (line,) = [ln for ln in truncated.stderr.splitlines() if "ERROR" in ln]
     assert truncated.returncode == 2 and f"{bad_data} line 2" in line and "Traceback" not in truncated.stderr
+
+
+def test_extending_a_finished_run_repeats_no_step(tiny_base, toy_data, tmp_path):
+    """The final step is checkpointed too: raising train.steps continues where the run ended."""
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2, save_every=10), tiny_base, toy_data, run).fit()
+    assert torch.load(run / "work" / "checkpoint" / "trainer_state.pt", weights_only=True)["next_step"] == 2
+    extended = make_trainer(run_config(steps=3, save_every=10), tiny_base, toy_data, run)
+    assert extended.start_step == 2
+    extended.fit()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_a_rerun_keeps_the_killed_attempts_log(tiny_base, toy_data, tmp_path):
+    """The trainer appends to its own log in work/ (the rule's log: file is rewritten by each rerun)."""
+    run = tmp_path / "run"
+    fit_killed_at(make_trainer(run_config(steps=3), tiny_base, toy_data, run), 2)
+    make_trainer(run_config(steps=3), tiny_base, toy_data, run).fit()
+    text = (run / "work" / "train.log").read_text()
+    assert text.count("attempt started") == 2
+    assert "attempt started at step 0" in text and "attempt started at step 2" in text
+    assert [ln.split(" step ")[1].split()[0] for ln in text.splitlines() if " reward " in ln] == ["0", "1", "2"]

@@ -12,6 +12,7 @@ Read ``train_step`` top to bottom; each paper concept is one named thing:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -401,7 +402,8 @@ class Trainer:
         self.run.work.mkdir(parents=True, exist_ok=True)
         steps = range(self.start_step, cfg["steps"])
         # a fresh start drops rows of an earlier attempt (killed before its first checkpoint)
-        with open(self.run.live_metrics, "a" if self.start_step > 0 else "w") as live:
+        with _attempt_log(self.run, self.start_step, cfg["steps"]), \
+                open(self.run.live_metrics, "a" if self.start_step > 0 else "w") as live:
             for step in tqdm(steps, desc=f"{cfg['method']} seed{cfg['seed']}", initial=self.start_step,
                              total=cfg["steps"], mininterval=10):
                 row = self.train_step(step)
@@ -409,12 +411,33 @@ class Trainer:
                 live.flush()
                 log.info("step %d reward %.3f entropy %.3f len %.1f λ %.3f (%.1fs)", step, row["reward_mean"],
                          row["entropy"], row["response_length"], row["lambda"], row["step_s"])
-                if (step + 1) % cfg["save_every"] == 0 and step + 1 < cfg["steps"]:
+                # the final step too: raising train.steps later continues from here, repeating nothing
+                if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"]:
                     self._save_checkpoint(step + 1)
         self.policy.save_pretrained(self.run.model)
         self.tokenizer.save_pretrained(self.run.model)
         shutil.copyfile(self.run.live_metrics, self.run.metrics)
         return self.run.model
+
+
+@contextlib.contextmanager
+def _attempt_log(run: RunDir, start_step: int, steps: int):
+    """While training, the package's log lines also go to work/train.log, APPENDED: a rerun keeps what
+    the killed attempt said (the rule's own log file is rewritten by each job)."""
+    handler = logging.FileHandler(run.work / "train.log", mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("trace")
+    level = package.level
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    log.info("attempt started at step %d of %d (%s)", start_step, steps, run.root)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+        handler.close()
 
 
 def run_fingerprint(cfg: dict, base_model: Path) -> str:
