@@ -64,7 +64,7 @@ def cmd_prepare_train(args, cfg):
 def cmd_aggregate(args, cfg):
     from trace.report import aggregate
 
-    aggregate(cfg, Path(args.results), Path(args.out_dir))
+    aggregate(cfg, [Path(p) for p in args.evals], [Path(p) for p in args.metrics], Path(args.out_dir))
 
 
 def cmd_report(args, cfg):
@@ -86,9 +86,10 @@ STAGES = {
     "prepare-train": (cmd_prepare_train, ["--out-dir"]),
     "train": (cmd_train, ["--base", "--train-data", "--run-dir"]),
     "evaluate": (cmd_evaluate, ["--model", "--benchmark", "--data", "--out"]),
-    "aggregate": (cmd_aggregate, ["--results", "--out-dir"]),
+    "aggregate": (cmd_aggregate, ["--evals", "--metrics", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
 }
+FILE_LISTS = {"--evals", "--metrics"}  # options that take the rule's declared input files (zero or more)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         stage = sub.add_parser(name)
         stage.add_argument("--cfg", default="{}", help="the stage's settings as JSON (built by the Snakefile)")
         for option in options:
-            stage.add_argument(option, required=True)
+            stage.add_argument(option, required=True, nargs="*" if option in FILE_LISTS else None)
     from trace.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="memory and time: routed vs all-token KL, TRACE vs GRPO step loss phase")
