@@ -310,3 +310,20 @@ def test_a_rerun_keeps_the_killed_attempts_log(tiny_base, toy_data, tmp_path):
     assert text.count("attempt started") == 2
     assert "attempt started at step 0" in text and "attempt started at step 2" in text
     assert [ln.split(" step ")[1].split()[0] for ln in text.splitlines() if " reward " in ln] == ["0", "1", "2"]
+
+
+def test_annotator_and_router_count_the_same_response_length(tiny_base, toy_data, tmp_path):
+    """|y| in the coverage cap is the response mask's length for both the annotator and the router
+    (the end-of-turn token is shown to the annotator as a zero-width token, never marked)."""
+    trainer = make_trainer(run_config("trace_fkl", steps=1, save_every=10), tiny_base, toy_data, tmp_path / "run")
+    seen = {}
+    generate, annotate = trainer.engine.generate, trainer.annotator.annotate
+    trainer.engine.generate = lambda *a, **k: seen.setdefault("rollouts", generate(*a, **k))
+    trainer.annotator.annotate = lambda requests: annotate(seen.setdefault("requests", requests))
+    trainer.train_step(0)
+    rollouts = seen["rollouts"]
+    lengths = rollouts.completion_mask.sum(-1).tolist()
+    ends_with_eos = [rollouts.completion_ids[row, n - 1].item() == trainer.engine.eos_id
+                     for row, n in enumerate(lengths)]
+    assert any(ends_with_eos), "the check needs rollouts that end with the end-of-turn token"
+    assert [len(r.token_offsets) for r in seen["requests"]] == lengths

@@ -185,12 +185,14 @@ class Trainer:
         for row, record in enumerate(records):
             length = int(rollouts.completion_mask[row].sum())
             ids = rollouts.completion_ids[row, :length].tolist()
-            if ids and ids[-1] == self.engine.eos_id:
-                ids = ids[:-1]  # the end-of-turn token decodes to text the annotator never sees
-            text, offsets = completion_text_and_offsets(self.tokenizer, ids)
+            eos = bool(ids) and ids[-1] == self.engine.eos_id
+            # the end-of-turn token decodes to text the annotator never sees: a zero-width token (never
+            # marked) that still counts in |y|, so the annotator's cap and the router's are the same
+            text, offsets = completion_text_and_offsets(self.tokenizer, ids[:-1] if eos else ids)
+            offsets = list(offsets) + [(len(text), len(text))] * eos
             requests.append(AnnotationRequest(record["problem"], record.get("solution") or "", text,
                                               bool(correct[row]), offsets))
-            lengths.append(len(ids))
+            lengths.append(length)
         results = self.annotator.annotate(requests)
         for row, (result, length) in enumerate(zip(results, lengths)):
             if result.token_mask is None or result.span_kind is None:
