@@ -314,6 +314,60 @@ def test_tail_bucket_charges_mass_outside_the_support():
         assert (not torch.isclose(values[0], values[1]).item()) == changes
 
 
+def _top_k_tail_kl_float64(student_logits, teacher_logits, kind, k):
+    """Reference in float64: the top-K categories of the support plus one tail bucket."""
+    logp, logq = student_logits.double().log_softmax(-1), teacher_logits.double().log_softmax(-1)
+    ids = (logq if kind == "fkl" else logp).topk(k, -1).indices
+    cats = []
+    for logx in (logp, logq):
+        top = logx.gather(-1, ids)
+        tail = logx.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+        cats.append(torch.cat([top, tail], -1))
+    log_a, log_b = (cats[1], cats[0]) if kind == "fkl" else (cats[0], cats[1])
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_top_k_tail_bucket_is_exact_in_float32_when_the_top_k_holds_almost_all_mass(kind):
+    """Issue 12, item 14: 1 − Σ_topK in float32 loses the tail when Σ_topK ≈ 1 (the tail's log-mass is
+    computed as a logsumexp over the entries outside the top-K instead)."""
+    gen = torch.Generator().manual_seed(0)
+    V, K = 64, 4
+    student = torch.randn(8, V, generator=gen)
+    teacher = torch.randn(8, V, generator=gen)
+    support = student if kind == "rkl" else teacher        # whose top-K forms the support: a fat tail
+    other = teacher if kind == "rkl" else student          # the other side: ~all its mass on that top-K
+    ids = support.topk(K, -1).indices
+    support.scatter_(-1, ids, support.gather(-1, ids) + 2.0)
+    other.scatter_(-1, ids, 25.0 + torch.rand(8, K, generator=gen))
+    ours = L.routed_divergence(student, teacher, kind, top_k=K, entry_clip=None)
+    reference = _top_k_tail_kl_float64(student, teacher, kind, K)
+    assert ours.dtype == torch.float32
+    assert_close(ours.double(), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(L.AGGREGATIONS))
+def test_all_padding_rows_are_not_sequences(mode):
+    """Convention: a row with no valid token (all padding) is not a sequence. It contributes 0 and is
+    not counted in the sequence normaliser, locally or via count_normalizers, in every mode; the
+    loss (and its gradient) of the other rows is the same with or without it, NaN padding included."""
+    per_token = t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]).requires_grad_()
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    padded = torch.cat([per_token, torch.full((1, 3), float("nan"))])
+    padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)])
+    counts = L.count_normalizers(padded_mask)
+    assert counts["global_seqs"].item() == 2 and counts["global_tokens"].item() == 4
+    plain = L.aggregate(per_token, mask, mode, max_len=3)
+    for value in (L.aggregate(padded, padded_mask, mode, max_len=3),
+                  L.aggregate(padded, padded_mask, mode, counts["global_tokens"], counts["global_seqs"], 3)):
+        assert_close(value, plain)
+        (grad,) = torch.autograd.grad(value, per_token)
+        assert_close(grad, torch.autograd.grad(plain, per_token, retain_graph=True)[0])
+    everything_padded = L.aggregate(torch.full((2, 3), float("nan")), torch.zeros(2, 3, dtype=torch.bool), mode,
+                                    max_len=3)
+    assert everything_padded.item() == 0.0
+
+
 def test_top_k_equal_to_vocab_with_tail_is_full_kl():
     torch.manual_seed(3)
     s, q = torch.randn(4, 6), torch.randn(4, 6)

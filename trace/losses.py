@@ -120,6 +120,9 @@ def ppo_clip_per_token(
 # losses (and their gradients) gives exactly the full-batch loss: dividing by per-micro-batch counts
 # instead would re-weight tokens by which micro-batch they fell into (§8 pitfall). With None, local
 # counts are used (correct when the batch is not split).
+# Convention for an all-padding row (no valid token): it is not a sequence. It contributes 0 and is
+# not counted by the seq-mean modes' sequence count (local or count_normalizers); a batch of only
+# such rows has loss 0.
 
 
 def count_normalizers(*masks: Tensor) -> dict[str, Tensor]:
@@ -260,11 +263,16 @@ DIVERGENCES = {"fkl": fkl_terms, "rkl": rkl_terms, "jsd": jsd_terms}
 TOP_K_SUPPORT = {"fkl": "teacher", "rkl": "student", "jsd": "student"}
 
 
-def append_tail_bucket(topk_logp: Tensor) -> Tensor:
-    """[N, K] log-probs of K categories → [N, K+1] with log(1 − Σ exp) appended as the tail."""
-    # clamp: when the top-K holds (numerically) all the mass, log(0) would give −inf; keep ~1e-7 tail
-    log_mass = torch.logsumexp(topk_logp, dim=-1, keepdim=True).clamp(max=-1e-7)
-    return torch.cat([topk_logp, torch.log(-torch.expm1(log_mass))], dim=-1)
+def with_tail_bucket(logp: Tensor, ids: Tensor) -> Tensor:
+    """[N, V] log-probs → [N, K+1]: the K categories ``ids`` plus one tail bucket holding the rest.
+
+    The tail's log-mass is a logsumexp over the entries OUTSIDE the top-K, not log(1 − Σ_topK): when
+    the top-K holds almost all the mass, 1 − Σ_topK cancels catastrophically in float32 (a tail of
+    1e-12 comes out as 0 or ~1e-7, an error of several nats in the tail's KL term). Floored at
+    LOGP_FLOOR so that K = V (an empty tail) gives a zero term instead of 0·(−inf) = NaN.
+    """
+    tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp(min=LOGP_FLOOR)
+    return torch.cat([logp.gather(-1, ids), tail], dim=-1)
 
 
 def restrict_to_top_k(
@@ -273,10 +281,9 @@ def restrict_to_top_k(
     """Both [N, V] log-prob tensors restricted to the top-K ids of `support` ('teacher' | 'student')."""
     reference = {"teacher": teacher_logp, "student": student_logp}[support]
     ids = reference.detach().topk(min(top_k, reference.shape[-1]), dim=-1).indices
-    student_k, teacher_k = student_logp.gather(-1, ids), teacher_logp.gather(-1, ids)
     if tail_bucket:
-        return append_tail_bucket(student_k), append_tail_bucket(teacher_k)
-    return student_k.log_softmax(-1), teacher_k.log_softmax(-1)
+        return with_tail_bucket(student_logp, ids), with_tail_bucket(teacher_logp, ids)
+    return student_logp.gather(-1, ids).log_softmax(-1), teacher_logp.gather(-1, ids).log_softmax(-1)
 
 
 def divergence_terms(
