@@ -327,3 +327,31 @@ def test_annotator_and_router_count_the_same_response_length(tiny_base, toy_data
                      for row, n in enumerate(lengths)]
     assert any(ends_with_eos), "the check needs rollouts that end with the end-of-turn token"
     assert [len(r.token_offsets) for r in seen["requests"]] == lengths
+
+
+@pytest.mark.parametrize("method", ["trace_both", "srpo"])
+def test_logged_metrics_do_not_depend_on_the_micro_batch_size(method, tiny_base, toy_data, tmp_path):
+    """Issue 12, item 10: every logged metric of one step (128 rollouts) is the same for micro-batches
+    of 128, 32 and 16 (sums over global counts, never sums of per-micro-batch means)."""
+    rows = {}
+    for size in (128, 32, 16):
+        cfg = run_config(method, batch_prompts=8, group_size=16, micro_batch_size=size, steps=1, save_every=10,
+                         sampling=dict(BASE_TRAIN["sampling"], max_new_tokens=96, temperature=1.0))
+        torch.set_num_threads(1)
+        trainer = Trainer(cfg, tiny_base, toy_data / "choice_ood.jsonl", tmp_path / f"mb{size}",
+                          annotator=annotator_for(cfg, tiny_base))
+        rows[size] = trainer.train_step(0)
+    whole = rows[128]
+    assert 0 < whole["accuracy"] < 1, "the check needs correct and failed rollouts"
+    if method == "trace_both":
+        assert whole["tokens_key"] > 0 and whole["tokens_error"] > 0
+        assert whole["kl/fkl_key_token_mean"] > 0 and whole["kl/rkl_error_token_mean"] > 0
+    else:
+        assert 0 < whole["srpo_weight_raw_mean"] <= 1
+    timing = {"rollout_s", "step_s"} | {k for k in whole if "latency" in k or k.endswith("wall_s")}
+    for size in (32, 16):
+        assert set(rows[size]) == set(whole)
+        for name in sorted(set(whole) - timing):
+            assert rows[size][name] == pytest.approx(whole[name], rel=1e-4, abs=1e-6), (size, name)
+        worst = max(abs(rows[size][n] - whole[n]) / max(abs(whole[n]), 1e-12) for n in set(whole) - timing)
+        print(f"{method}: {len(set(whole) - timing)} metrics, micro-batch {size} vs 128: max rel. diff {worst:.2e}")

@@ -287,8 +287,11 @@ class Trainer:
         if routed is not None:
             row.update(tokens_key=float(routed.key.sum()), tokens_error=float(routed.error.sum()),
                        span_coverage=float((routed.key | routed.error).sum()) / n_tokens)
-        if "teacher_entropy_sum" in sums:  # per routed (distilled) token, not per micro-batch
-            row["teacher_entropy"] = sums.pop("teacher_entropy_sum") / max(sums.pop("teacher_entropy_tokens"), 1.0)
+        for name in [n.removesuffix("_tokens") for n in sums if n.endswith("_tokens")]:
+            # per routed token over the whole batch (teacher entropy, KL per class), not per micro-batch
+            row[name] = sums.pop(f"{name}_sum") / max(sums.pop(f"{name}_tokens"), 1.0)
+        if srpo_weight_mean is not None:  # a global mean: logged once, not summed over micro-batches
+            row["srpo_weight_raw_mean"] = float(srpo_weight_mean)
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
         return row
@@ -364,8 +367,11 @@ class Trainer:
             loss, parts = losses.trace_objective(
                 ppo, mask, sub.key, sub.error, fkl, rkl, lam=lam, w0=kl["w0"], mu_E=mu_E, mu_K=mu_K,
                 full_grpo_on_spans_without_kl=kl["full_grpo_on_spans_without_kl"], **agg)
-            metrics.update({f"kl/{k}": float(v) for k, v in parts.items()
-                            if k in ("kl_key_branch", "kl_error_branch", "fkl_key_token_mean", "rkl_error_token_mean")})
+            metrics.update({f"kl/{k}": float(v) for k, v in parts.items() if k in ("kl_key_branch", "kl_error_branch")})
+            for name, values, where in (("fkl_key", fkl, sub.key), ("rkl_error", rkl, sub.error)):
+                # per routed token over the WHOLE batch: sums and counts here, divided in train_step
+                metrics[f"kl/{name}_token_mean_sum"] = 0.0 if values is None else float(values.detach()[where].sum())
+                metrics[f"kl/{name}_token_mean_tokens"] = 0.0 if values is None else float(where.sum())
         elif method.objective == "sdpo" and teacher_hidden is not None:
             jsd = divergence(mask, "jsd", beta=kl["jsd_beta"])
             loss, parts = losses.sdpo_objective(ppo, mask, jsd, distillation_weight=kl["sdpo_distillation_weight"], **agg)
@@ -379,8 +385,7 @@ class Trainer:
             loss, parts = losses.srpo_objective(ppo, mask, jsd, correct[rows], teacher_entropy,
                                                 entropy_beta=kl["srpo_entropy_beta"],
                                                 weight_global_mean=srpo_weight_mean, **agg)
-            metrics.update({"kl/distill": float(parts["distill"]),
-                            "srpo_weight_raw_mean": float(parts["entropy_weight_raw_mean"])})
+            metrics["kl/distill"] = float(parts["distill"])
             if failed.any():
                 metrics.update(teacher_entropy_sum=float(teacher_entropy[failed].sum()),
                                teacher_entropy_tokens=float(failed.sum()))
