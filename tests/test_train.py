@@ -355,3 +355,24 @@ def test_logged_metrics_do_not_depend_on_the_micro_batch_size(method, tiny_base,
             assert rows[size][name] == pytest.approx(whole[name], rel=1e-4, abs=1e-6), (size, name)
         worst = max(abs(rows[size][n] - whole[n]) / max(abs(whole[n]), 1e-12) for n in set(whole) - timing)
         print(f"{method}: {len(set(whole) - timing)} metrics, micro-batch {size} vs 128: max rel. diff {worst:.2e}")
+
+
+def test_resume_between_teacher_syncs_equals_an_uninterrupted_run(tiny_base, toy_data, tmp_path):
+    """Issue 12, item 12: save_every (7) differs from teacher_sync_every (10), so the checkpoint at step 7
+    must carry the teacher synced at step 0, not a copy of the step-7 policy."""
+    cfg = run_config("trace_fkl", steps=9, save_every=7, kl={"teacher_sync_every": 10})
+    straight = make_trainer(cfg, tiny_base, toy_data, tmp_path / "straight")
+    straight.fit()
+    killed = make_trainer(cfg, tiny_base, toy_data, tmp_path / "resumed")
+    fit_killed_at(killed, 8)
+    resumed = make_trainer(cfg, tiny_base, toy_data, tmp_path / "resumed")
+    assert resumed.start_step == 7
+    resumed.fit()
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(9))
+    timing = {"rollout_s", "step_s"}
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k not in timing and "wall_s" not in k and "latency" not in k} == \
+               {k: v for k, v in y.items() if k not in timing and "wall_s" not in k and "latency" not in k}
+    for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q), name

@@ -162,8 +162,10 @@ class Trainer:
         tmp = self.run.work / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.policy.save_pretrained(tmp)
+        # synced and EMA teachers differ from the policy between syncs: a resume needs their weights
+        # (frozen = the base weights, reloaded from the base folder)
         teacher_state = (self.teacher.model.state_dict()
-                         if self.teacher is not None and self.teacher.mode == "ema" else None)
+                         if self.teacher is not None and self.teacher.mode in ("ema", "synced") else None)
         torch.save({"next_step": next_step, "optimizer": self.optimizer.state_dict(), "teacher": teacher_state,
                     "fingerprint": self.fingerprint}, tmp / "trainer_state.pt")
         shutil.rmtree(self.run.checkpoint, ignore_errors=True)
