@@ -12,6 +12,7 @@ Read ``train_step`` top to bottom; each paper concept is one named thing:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,17 +52,53 @@ class RunDir:
         self.model = self.root / "model"
         self.metrics = self.root / "metrics.jsonl"
 
+    @property
+    def trainer_state(self) -> Path:
+        return self.checkpoint / "trainer_state.pt"
+
+    def load_trainer_state(self) -> dict:
+        """The checkpoint's trainer state: tensors and plain types only (weights_only=True: a swapped
+        file cannot run code)."""
+        return self.load_checkpoint_part("trainer state",
+                                         lambda: torch.load(self.trainer_state, weights_only=True), self.trainer_state)
+
+    def load_checkpoint_part(self, what: str, load, path: Path):
+        """load(), or one clear line naming the file and what to do (no traceback from a library)."""
+        try:
+            return load()
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unusable checkpoint
+            detail = " ".join(str(exc).split())[:300]
+            raise ValueError(f"checkpoint {what} {path} cannot be loaded ({type(exc).__name__}: {detail}); "
+                             f"delete {self.work} to train this run from step 0") from None
+
 
 def load_records(path: Path) -> list[dict]:
     if not Path(path).exists():
         raise FileNotFoundError(f"training data {path} does not exist (run the data rule first)")
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"training data {path} line {number} is not valid JSON ({exc.msg} at column "
+                                 f"{exc.colno}; a truncated file?): rerun the data rule that writes it") from None
+    return records
+
+
+def require_model_folder(path: Path, what: str) -> None:
+    """A local Hugging Face folder, or one clear error (not the hub's "Repo id must be in the form")."""
+    if not (Path(path) / "config.json").is_file():
+        problem = "does not exist" if not Path(path).exists() else "has no config.json"
+        raise FileNotFoundError(f"{what} folder {path} {problem}: build it first (its Snakemake rule) "
+                                "or fix the path")
 
 
 class Trainer:
     def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        require_model_folder(base_model, "base model (--base)")
         self.cfg, self.run = cfg, RunDir(run_dir)
         self.method: MethodSpec = get_method(cfg["method"])
         self.records = [r for r in load_records(train_path) if r.get("answer") not in (None, "")]
@@ -70,11 +107,15 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.fingerprint = run_fingerprint(cfg, base_model)
         self.start_step = self._resume_step()
-        weights = self.run.checkpoint if self.start_step > 0 else base_model
         dtype = getattr(torch, cfg.get("dtype", "float32"))
-        self.policy = self.dist.prepare(
-            AutoModelForCausalLM.from_pretrained(weights, dtype=self.dist.storage_dtype(dtype)).to(self.device),
-            dtype, cfg.get("activation_checkpointing", False))
+        weights = self.run.checkpoint if self.start_step > 0 else base_model
+
+        def load_policy():  # under torchrun: fp32 master weights, then sharded by prepare
+            return AutoModelForCausalLM.from_pretrained(weights, dtype=self.dist.storage_dtype(dtype)).to(self.device)
+
+        policy = (self.run.load_checkpoint_part("weights", load_policy, weights) if self.start_step > 0
+                  else load_policy())
+        self.policy = self.dist.prepare(policy, dtype, cfg.get("activation_checkpointing", False))
         self.policy.config.use_cache = True
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                            weight_decay=cfg["weight_decay"])
@@ -106,10 +147,9 @@ class Trainer:
     def _resume_step(self) -> int:
         """Where to start: the checkpoint's next step if it belongs to THIS run (same settings and
         base weights; only ``steps`` / ``save_every`` may differ, to extend a run), else 0."""
-        state = self.run.checkpoint / "trainer_state.pt"
-        if not state.exists():
+        if not self.run.trainer_state.exists():
             return 0
-        saved = torch.load(state, weights_only=False)
+        saved = self.run.load_trainer_state()
         if saved.get("fingerprint") != self.fingerprint:
             log.warning("ignoring the checkpoint in %s: it was written with other settings or base weights; "
                         "training from step 0", self.run.checkpoint)
@@ -117,7 +157,7 @@ class Trainer:
         return int(saved["next_step"])
 
     def _load_trainer_state(self) -> None:
-        state = torch.load(self.run.checkpoint / "trainer_state.pt", weights_only=False)
+        state = self.run.load_trainer_state()
         self.dist.load_optimizer(self.policy, self.optimizer, self.run.checkpoint, state)
         if self.teacher is not None and state.get("teacher") is not None:
             self.dist.load_model_state(self.teacher.model, state["teacher"])
@@ -136,8 +176,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.dist.barrier()
         self.dist.save(self.policy, self.optimizer, tmp)  # under torchrun the optimizer state goes to DCP
+        # synced and EMA teachers differ from the policy between syncs: a resume needs their weights
+        # (frozen = the base weights, reloaded from the base folder)
         teacher_state = (self.dist.model_state(self.teacher.model)
-                         if self.teacher is not None and self.teacher.mode == "ema" else None)
+                         if self.teacher is not None and self.teacher.mode in ("ema", "synced") else None)
         if self.dist.is_main:
             torch.save({"next_step": next_step, "teacher": teacher_state, "fingerprint": self.fingerprint,
                         "optimizer": None if self.dist.active else self.optimizer.state_dict()},
@@ -162,12 +204,14 @@ class Trainer:
         for row, record in enumerate(records):
             length = int(rollouts.completion_mask[row].sum())
             ids = rollouts.completion_ids[row, :length].tolist()
-            if ids and ids[-1] == self.engine.eos_id:
-                ids = ids[:-1]  # the end-of-turn token decodes to text the annotator never sees
-            text, offsets = completion_text_and_offsets(self.tokenizer, ids)
+            eos = bool(ids) and ids[-1] == self.engine.eos_id
+            # the end-of-turn token decodes to text the annotator never sees: a zero-width token (never
+            # marked) that still counts in |y|, so the annotator's cap and the router's are the same
+            text, offsets = completion_text_and_offsets(self.tokenizer, ids[:-1] if eos else ids)
+            offsets = list(offsets) + [(len(text), len(text))] * eos
             requests.append(AnnotationRequest(record["problem"], record.get("solution") or "", text,
                                               bool(correct[row]), offsets))
-            lengths.append(len(ids))
+            lengths.append(length)
         results = self.annotator.annotate(requests)
         for row, (result, length) in enumerate(zip(results, lengths)):
             if result.token_mask is None or result.span_kind is None:
@@ -271,8 +315,11 @@ class Trainer:
             row.update(tokens_key=float(self.dist.sum(routed.key.sum())),
                        tokens_error=float(self.dist.sum(routed.error.sum())),
                        span_coverage=float(self.dist.sum((routed.key | routed.error).sum())) / n_tokens)
-        if "teacher_entropy_sum" in sums:  # per routed (distilled) token, not per micro-batch
-            row["teacher_entropy"] = sums.pop("teacher_entropy_sum") / max(sums.pop("teacher_entropy_tokens"), 1.0)
+        for name in [n.removesuffix("_tokens") for n in sums if n.endswith("_tokens")]:
+            # per routed token over the whole batch (teacher entropy, KL per class), not per micro-batch
+            row[name] = sums.pop(f"{name}_sum") / max(sums.pop(f"{name}_tokens"), 1.0)
+        if srpo_weight_mean is not None:  # a global mean: logged once, not summed over micro-batches
+            row["srpo_weight_raw_mean"] = float(srpo_weight_mean)
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
         return row
@@ -348,8 +395,11 @@ class Trainer:
             loss, parts = losses.trace_objective(
                 ppo, mask, sub.key, sub.error, fkl, rkl, lam=lam, w0=kl["w0"], mu_E=mu_E, mu_K=mu_K,
                 full_grpo_on_spans_without_kl=kl["full_grpo_on_spans_without_kl"], **agg)
-            metrics.update({f"kl/{k}": float(v) for k, v in parts.items()
-                            if k in ("kl_key_branch", "kl_error_branch", "fkl_key_token_mean", "rkl_error_token_mean")})
+            metrics.update({f"kl/{k}": float(v) for k, v in parts.items() if k in ("kl_key_branch", "kl_error_branch")})
+            for name, values, where in (("fkl_key", fkl, sub.key), ("rkl_error", rkl, sub.error)):
+                # per routed token over the WHOLE batch: sums and counts here, divided in train_step
+                metrics[f"kl/{name}_token_mean_sum"] = 0.0 if values is None else float(values.detach()[where].sum())
+                metrics[f"kl/{name}_token_mean_tokens"] = 0.0 if values is None else float(where.sum())
         elif method.objective == "sdpo" and teacher_hidden is not None:
             jsd = divergence(mask, "jsd", beta=kl["jsd_beta"])
             loss, parts = losses.sdpo_objective(ppo, mask, jsd, distillation_weight=kl["sdpo_distillation_weight"], **agg)
@@ -363,8 +413,7 @@ class Trainer:
             loss, parts = losses.srpo_objective(ppo, mask, jsd, correct[rows], teacher_entropy,
                                                 entropy_beta=kl["srpo_entropy_beta"],
                                                 weight_global_mean=srpo_weight_mean, **agg)
-            metrics.update({"kl/distill": float(parts["distill"]),
-                            "srpo_weight_raw_mean": float(parts["entropy_weight_raw_mean"])})
+            metrics["kl/distill"] = float(parts["distill"])
             if failed.any():
                 metrics.update(teacher_entropy_sum=float(teacher_entropy[failed].sum()),
                                teacher_entropy_tokens=float(failed.sum()))
@@ -388,8 +437,11 @@ class Trainer:
         self.run.work.mkdir(parents=True, exist_ok=True)
         steps = range(self.start_step, cfg["steps"])
         # a fresh start drops rows of an earlier attempt (killed before its first checkpoint)
-        with (open(self.run.live_metrics, "a" if self.start_step > 0 else "w") if self.dist.is_main
-              else open(os.devnull, "w")) as live:  # rank 0 writes the metrics (they are global)
+        # rank 0 writes the metrics (they are global) and the attempt log
+        attempt = (_attempt_log(self.run, self.start_step, cfg["steps"]) if self.dist.is_main
+                   else contextlib.nullcontext())
+        with attempt, open(self.run.live_metrics if self.dist.is_main else os.devnull,
+                           "a" if self.start_step > 0 else "w") as live:
             for step in tqdm(steps, desc=f"{cfg['method']} seed{cfg['seed']}", initial=self.start_step,
                              total=cfg["steps"], mininterval=10, disable=not self.dist.is_main):
                 row = self.train_step(step)
@@ -397,7 +449,8 @@ class Trainer:
                 live.flush()
                 log.info("step %d reward %.3f entropy %.3f len %.1f λ %.3f (%.1fs)", step, row["reward_mean"],
                          row["entropy"], row["response_length"], row["lambda"], row["step_s"])
-                if (step + 1) % cfg["save_every"] == 0 and step + 1 < cfg["steps"]:
+                # the final step too: raising train.steps later continues from here, repeating nothing
+                if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"]:
                     self._save_checkpoint(step + 1)
         self.dist.save(self.policy, None, self.run.model, dtype=getattr(torch, cfg.get("dtype", "float32")))
         if self.dist.is_main:
@@ -405,6 +458,26 @@ class Trainer:
             shutil.copyfile(self.run.live_metrics, self.run.metrics)
         self.dist.barrier()
         return self.run.model
+
+
+@contextlib.contextmanager
+def _attempt_log(run: RunDir, start_step: int, steps: int):
+    """While training, the package's log lines also go to work/train.log, APPENDED: a rerun keeps what
+    the killed attempt said (the rule's own log file is rewritten by each job)."""
+    handler = logging.FileHandler(run.work / "train.log", mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("trace")
+    level = package.level
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    log.info("attempt started at step %d of %d (%s)", start_step, steps, run.root)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+        handler.close()
 
 
 def run_fingerprint(cfg: dict, base_model: Path) -> str:

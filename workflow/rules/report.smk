@@ -11,7 +11,7 @@ rule aggregate:
     log:
         "logs/aggregate.log",
     shell:
-        "{PYTHON} -m trace aggregate --cfg {params.cfg} --results results --out-dir results/aggregate > {log} 2>&1"
+        "{PYTHON} -m trace aggregate --cfg {params.cfg} --evals {input.evals} --metrics {input.metrics} --out-dir results/aggregate > {log} 2>&1"
 
 
 rule report:
