@@ -130,14 +130,16 @@ def runs(tiny_base, toy_data, tmp_path_factory):
     """Every run of this module, made once: one plain process (in this process) and 2-process torchrun.
 
     grpo_2p is killed (SIGKILL of the launcher and both ranks) right after its first checkpoint and then
-    resumed, so comparing it with grpo_1p checks the resume too; grpo_2to1 resumes its step-2
-    checkpoint (written by 2 ranks) in one process, grpo_1to2 resumes grpo_1p's under 2 ranks."""
+    resumed, so comparing it with grpo_1p checks the resume too; grpo_2to1 resumes a copy of that killed
+    run's checkpoint (written by 2 ranks) in one process; grpo_1to2 extends a 2-step one-process run
+    (its checkpoint at step 2) to 3 steps under 2 ranks."""
     root = tmp_path_factory.mktemp("dist_runs")
     data = toy_data / "choice_ood.jsonl"
     made = {name: root / name for name in ("grpo_1p", "trace_fkl_1p", "grpo_2p", "trace_fkl_2p", "grpo_2to1",
                                            "grpo_1to2")}
     train_in_process(run_config("grpo"), tiny_base, data, made["grpo_1p"])
     train_in_process(run_config("trace_fkl"), tiny_base, data, made["trace_fkl_1p"])
+    train_in_process(run_config("grpo", steps=2), tiny_base, data, made["grpo_1to2"])
 
     # 1. the real CLI under torchrun, killed mid-run
     run_dir = made["grpo_2p"]
@@ -153,14 +155,14 @@ def runs(tiny_base, toy_data, tmp_path_factory):
     killed = {"finished": (run_dir / "metrics.jsonl").exists(), "ranks": len(ranks),
               "next_step": torch.load(state, weights_only=False)["next_step"] if state.exists() else None}
 
-    # 2. resume it, TRACE-FKL, and grpo_1p's checkpoint under 2 ranks: one torchrun launch
-    shutil.copytree(made["grpo_1p"] / "work", made["grpo_1to2"] / "work")
+    shutil.copytree(run_dir / "work", made["grpo_2to1"] / "work")
+
+    # 2. resume it, TRACE-FKL, and extend the 2-step one-process run under 2 ranks: one torchrun launch
     log = torchrun([(run_config("grpo"), tiny_base, data, run_dir),
                     (run_config("trace_fkl"), tiny_base, data, made["trace_fkl_2p"]),
                     (run_config("grpo"), tiny_base, data, made["grpo_1to2"])], root)
 
-    # 3. the 2-rank checkpoint (step 2 of grpo_2p) in one plain process
-    shutil.copytree(run_dir / "work", made["grpo_2to1"] / "work")
+    # 3. the killed run's 2-rank checkpoint in one plain process
     train_in_process(run_config("grpo"), tiny_base, data, made["grpo_2to1"])
     print("\n" + "\n".join(f"{name}: {seconds:.1f}s" for name, seconds in TIMES.items()))
     return made, killed, log
@@ -188,9 +190,11 @@ def test_killed_two_process_run_resumed_where_it_stopped(runs):
 
 @pytest.mark.parametrize("written, resumed", [("grpo_2p", "grpo_2to1"), ("grpo_1p", "grpo_1to2")])
 def test_a_checkpoint_resumes_under_another_world_size(written, resumed, runs):
-    """A finished 3-step run keeps its step-2 checkpoint: step 2 again under the other world size."""
-    made, _, log = runs
-    assert len(metrics(made[resumed])) == 3
-    assert_same_run(made[written], made[resumed], steps={2})
-    if resumed.endswith("2p"):
+    """2 → 1: the killed 2-rank run's checkpoint finished in one process; 1 → 2: a 2-step one-process run
+    extended to 3 steps under 2 ranks. Both equal the uninterrupted run from the resumed step on."""
+    made, killed, log = runs
+    first = killed["next_step"] if resumed == "grpo_2to1" else 2
+    assert [r["step"] for r in metrics(made[resumed])] == [0, 1, 2]
+    assert_same_run(made[written], made[resumed], steps=set(range(first, 3)))
+    if resumed == "grpo_1to2":
         assert f"resumed {made[resumed]} at step 2" in log
