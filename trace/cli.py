@@ -38,7 +38,8 @@ def cmd_train(args, cfg):
     from trace.train.trainer import Trainer
 
     # the Trainer builds the configured annotator tier (train.annotator) itself: the self tier needs its policy
-    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir)).fit()
+    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir),
+            val_path=Path(args.val_data) if args.val_data else None).fit()
 
 
 def cmd_evaluate(args, cfg):
@@ -89,6 +90,7 @@ STAGES = {
     "aggregate": (cmd_aggregate, ["--results", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
 }
+OPTIONAL = {"train": {"--val-data": "held-out validation problems (JSONL) for train.validation"}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         stage.add_argument("--cfg", default="{}", help="the stage's settings as JSON (built by the Snakefile)")
         for option in options:
             stage.add_argument(option, required=True)
+        for option, help_text in OPTIONAL.get(name, {}).items():
+            stage.add_argument(option, default=None, help=help_text)
     from trace.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="memory and time: routed vs all-token KL, TRACE vs GRPO step loss phase")
