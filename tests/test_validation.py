@@ -125,3 +125,17 @@ def test_cli_train_takes_the_validation_file(tiny_base, toy_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows if "val/mean_at_k" in r] == [1]
+
+
+def test_validation_leaves_the_training_trajectory_unchanged(tiny_base, toy_data, tmp_path):
+    cfg = val_config(every=1)
+    with_val = make(cfg, tiny_base, toy_data, tmp_path / "with")
+    with_val.fit()
+    without = Trainer({**cfg, "validation": {**cfg["validation"], "every": 0}}, tiny_base,
+                      toy_data / "choice_ood.jsonl", tmp_path / "without")
+    without.fit()
+    rows = read_metrics(tmp_path / "without" / "metrics.jsonl")
+    assert all("val/mean_at_k" not in r for r in rows)
+    assert [r["loss"] for r in read_metrics(tmp_path / "with" / "metrics.jsonl")] == [r["loss"] for r in rows]
+    for a, b in zip(with_val.policy.parameters(), without.policy.parameters()):
+        assert torch.equal(a, b)
