@@ -10,6 +10,7 @@ Read ``train_step`` top to bottom; each paper concept is one named thing:
   corner    -> trace.router.CORNERS (μ_E, μ_K)
   loss      -> trace.losses.trace_objective (Eq. 1) and the baselines' objectives
   validation -> Trainer.validate: mean@k on a held-out split every ``validation.every`` steps
+  mechanism probe -> trace.train.probe (Fig 6 credit concentration, one-step log-prob lift)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from trace.prompting import render_prompt
 from trace.router import CORNERS, RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
+from trace.train.probe import probe_after_update, probe_before_update
 from trace.train.rollout import HFRolloutEngine, RolloutBatch
 from trace.train.teacher import Teacher, teacher_prompt
 from trace.verify import grade_many
@@ -92,11 +94,15 @@ class Trainer:
             source = (AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
                       if self.method.teacher == "frozen" else self.policy)
             self.teacher = Teacher(source, self.method.teacher, kl["teacher_sync_every"], kl["ema_rate"])
-        if self.method.needs_annotation and self.teacher is not None and annotator is None:
-            # the configured tier (train.annotator), built here: the self tier annotates with the live policy
+        # mechanism probe steps (train.probe.steps): the same for every method, annotated for every method
+        self.probe_steps = {s for s in (cfg.get("probe") or {}).get("steps", []) if s >= self.start_step}
+        if annotator is None and ((self.method.needs_annotation and self.teacher is not None) or self.probe_steps):
+            # the configured tier (train.annotator), built here: the self tier annotates with the live policy;
+            # methods that route without spans get the tier TRACE would use, for the probe only
             from trace.annotate.setup import annotator_for
 
-            annotator = annotator_for(cfg, base_model, policy=self.policy, tokenizer=self.tokenizer)
+            as_trace = cfg if self.method.needs_annotation else {**cfg, "method": "trace_fkl"}
+            annotator = annotator_for(as_trace, base_model, policy=self.policy, tokenizer=self.tokenizer)
             if annotator is None:
                 raise ValueError(f"method {cfg['method']!r} routes on annotated spans: configure an annotator")
         self.annotator = annotator
@@ -258,6 +264,14 @@ class Trainer:
         if teacher_on:
             self.teacher.update(self.policy, step)
 
+        # (probe steps only: annotate and score the rollouts before the update; TRACE.md §7 mechanisms)
+        probe = None
+        if step in self.probe_steps:
+            if self.annotator is None:
+                log.warning("probe step %d skipped: the annotator was freed when λ reached 0", step)
+            else:
+                probe = probe_before_update(self, records, rollouts, correct)
+
         # 4. span annotation + router: which tokens get a KL channel
         routed, label_prefixes, annotation_stats = (self.route(step, records, rollouts, correct) if teacher_on
                                                     else (None, None, {}))
@@ -307,6 +321,8 @@ class Trainer:
             row["teacher_entropy"] = sums.pop("teacher_entropy_sum") / max(sums.pop("teacher_entropy_tokens"), 1.0)
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
+        if probe is not None:
+            row.update(probe_after_update(self, rollouts, probe))
         return row
 
     def aggregation(self, mask: torch.Tensor) -> tuple[dict, dict]:
