@@ -41,6 +41,12 @@ def step(s, lam=0.0, **extra):
             "grad_norm": 1.0, **extra}
 
 
+def probe(concentration, lift, credit, span):
+    """A probe step's entries (trace/train/probe.py), with a credit map over the tokens a b c d."""
+    return {"probe/credit_concentration": concentration, "probe/logprob_lift_key_supported": lift,
+            "probe/map": {"rollout": 0, "tokens": ["a", "Ġb", "c", "d"], "credit": credit, "span": span}}
+
+
 CFG = {"benchmarks": BENCHMARKS, "methods": ["grpo", "sdpo", "srpo", "trace_fkl", "trace_rkl"],
        "compare_to_paper": True, "paper_models": PAPER_MODELS,
        "ablations": {"annotator_tiers": {"model": "big", "method": "trace_fkl", "tiers": {"self": {}}},
@@ -62,13 +68,16 @@ def report(tmp_path_factory):
     write_eval(results, "small", "grpo-seed1", cells(60, 60, 60, 60, 60))          # 2 seeds: cells 55
     write_eval(results, "small", "trace_fkl-seed0", cells(58, 58, 58, 58, 58))
     write_eval(results, "small", "random25-seed0", cells(52, 52, 52, 52, 52))
-    write_metrics(results, "big", "grpo", [step(0, entropy=0.2), step(1, entropy=0.2, **{"val/mean_at_k": 0.40})])
+    write_metrics(results, "big", "grpo", [
+        step(0, entropy=0.2, **probe(1.1, 0.05, [0.1, 0.1, 0.2, 0.2], [0, 1, 1, 0])),
+        step(1, entropy=0.2, **{"val/mean_at_k": 0.40})])
     write_metrics(results, "big", "srpo", [
         step(0, lam=0.5, entropy=1.0, response_length=100.0, teacher_entropy=0.9, srpo_weight_raw_mean=0.8),
         step(1, lam=0.5, entropy=1.0, response_length=60.0, teacher_entropy=0.7, srpo_weight_raw_mean=0.4,
              **{"val/mean_at_k": 0.30, "val/ci95_low": 0.2, "val/ci95_high": 0.4})])
-    write_metrics(results, "big", "trace_fkl", [step(0, lam=0.5, span_coverage=0.2),
-                                                step(1, **{"val/mean_at_k": 0.50})])
+    write_metrics(results, "big", "trace_fkl", [
+        step(0, lam=0.5, span_coverage=0.2, **probe(6.0, 0.2, [0.0, 0.6, 0.6, 0.1], [0, 1, 1, 0])),
+        step(1, **{"val/mean_at_k": 0.50, "probe/credit_concentration": 4.0, "probe/logprob_lift_key_supported": None})])
     write_metrics(results, "big", "trace_fkl@self", [step(0, lam=0.5), step(1, **{"val/mean_at_k": 0.48})])
     cfg = {"benchmarks": BENCHMARKS}
     aggregate(cfg, results, results / "aggregate")
@@ -146,7 +155,7 @@ def test_figure_numbers_come_from_the_aggregate_curves(report):
     assert big.loc[("entropy_ratio_vs_grpo", "SRPO"), "ours"] == pytest.approx(5.0)  # 1.0 / 0.2
     # Fig. 7: last validation point of the self tier minus the strong tier's, in points
     assert big.loc[("final_val_gap_vs_strong", "online self-annotation"), "ours"] == pytest.approx(-2.0)
-    assert pd.isna(big.loc[("logprob_lift_key_tokens", "TRACE-FKL"), "ours"])  # not in the aggregate: blank
+    assert pd.isna(big.loc[("credit_concentration", "the other methods"), "ours"])  # a range: not compared
 
 
 def test_aggregate_carries_validation_and_srpo_columns(report):
@@ -159,9 +168,30 @@ def test_aggregate_carries_validation_and_srpo_columns(report):
     assert srpo.loc[1, "teacher_entropy"] == 0.7
 
 
+def test_mechanism_table_and_credit_maps(report):
+    maps = pd.read_csv(report / "aggregate" / "credit_maps.csv", keep_default_na=False)
+    fkl = maps[maps["method"] == "trace_fkl"]
+    assert fkl["token"].tolist() == ["a", "Ġb", "c", "d"] and fkl["span"].tolist() == [0, 1, 1, 0]
+    assert fkl["credit"].tolist() == [0.0, 0.6, 0.6, 0.1] and set(fkl["step"]) == {0}
+    table = pd.read_csv(report / "tables" / "mechanism.csv", dtype={"paper_credit_concentration": str,
+                                                                   "paper_logprob_lift": str})
+    table = table.set_index(["model", "method"])
+    fkl = table.loc[("big", "trace_fkl")]
+    assert fkl["credit_concentration_first_step"] == 6.0 and fkl["credit_concentration_mean"] == 5.0
+    assert fkl["logprob_lift_first_step"] == 0.2 and fkl["logprob_lift_mean"] == 0.2  # a null step is skipped
+    assert fkl["paper_credit_concentration"] == "8.5" and fkl["paper_logprob_lift"] == "0.145"
+    grpo = table.loc[("big", "grpo")]
+    assert grpo["credit_concentration_mean"] == 1.1 and grpo["paper_credit_concentration"] == "1.0–1.1"
+    assert grpo["paper_logprob_lift"] == "0.054" and fkl["probe_steps"] == "0 1"
+    numbers = pd.read_csv(report / "tables" / "paper_figure_numbers.csv").query("model == 'big'")
+    numbers = numbers.set_index(["metric", "method"])
+    assert numbers.loc[("credit_concentration", "TRACE"), "ours"] == 5.0
+    assert numbers.loc[("logprob_lift_key_tokens", "GRPO"), "ours"] == 0.05
+
+
 def test_figures_are_drawn(report):
     for name in ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "annotator_tiers",
-                 "mask_localisation"):
+                 "mask_localisation", "fig6_credit_map"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 5000, name
 
 

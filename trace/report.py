@@ -17,8 +17,11 @@ import numpy as np
 import pandas as pd
 
 VAL = "val/mean_at_k"  # validation mean@k after a step (trainer.validate), logged every validation.every steps
+CONCENTRATION, LIFT = "probe/credit_concentration", "probe/logprob_lift_key_supported"  # trace/train/probe.py
 CURVE_COLUMNS = ("reward_mean", "entropy", "response_length", "lambda", "grad_norm", "span_coverage",
-                 "teacher_entropy", "srpo_weight_raw_mean", VAL, "val/ci95_low", "val/ci95_high")
+                 "teacher_entropy", "srpo_weight_raw_mean", VAL, "val/ci95_low", "val/ci95_high",
+                 CONCENTRATION, LIFT, "probe/credit_inside", "probe/credit_outside")
+MAP_COLUMNS = ["model", "method", "seed", "step", "position", "token", "credit", "span"]
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 Z95 = 1.959964  # two-sided 95% normal quantile
 EMA = 0.85      # curve smoothing of Fig. 1a: exponentially weighted mean, decay 0.85 (pandas ewm, alpha 0.15)
@@ -47,7 +50,7 @@ def aggregate(cfg: dict, results: Path, out_dir: Path) -> None:
                           "pass_at_1": 100 * result["pass_at_k"]["1"]})
     if not eval_rows:
         raise FileNotFoundError(f"no evaluation results under {results / 'eval'} for benchmarks {list(benchmarks)}")
-    curve_rows = []
+    curve_rows, map_rows = [], []
     for path in sorted((results / "train").glob("*/*/seed*/metrics.jsonl")):
         model, method, seed = path.parts[-4], path.parts[-3], int(path.parts[-2].removeprefix("seed"))
         for line in path.read_text().splitlines():
@@ -55,10 +58,15 @@ def aggregate(cfg: dict, results: Path, out_dir: Path) -> None:
                 row = json.loads(line)
                 curve_rows.append({"model": model, "method": method, "seed": seed, "step": row["step"],
                                    **{c: row.get(c) for c in CURVE_COLUMNS}})
+                if credit_map := row.get("probe/map"):  # Fig 6: one probed rollout, token by token
+                    map_rows += [dict(zip(MAP_COLUMNS, (model, method, seed, row["step"], i, *token)))
+                                 for i, token in enumerate(zip(credit_map["tokens"], credit_map["credit"],
+                                                               credit_map["span"]))]
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(eval_rows).to_csv(out_dir / "evals.csv", index=False)
     pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *CURVE_COLUMNS]).to_csv(
         out_dir / "training_curves.csv", index=False)
+    pd.DataFrame(map_rows, columns=MAP_COLUMNS).to_csv(out_dir / "credit_maps.csv", index=False)
 
 
 def main_table(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -195,6 +203,10 @@ def figure_numbers(curves: pd.DataFrame, paper: pd.DataFrame, tier_runs: dict[st
             return _ema_ends(curves, model, method, "entropy")[1]
         if metric == "entropy_ratio_vs_grpo":
             return _ema_ends(curves, model, method, "entropy")[1] / _ema_ends(curves, model, "grpo", "entropy")[1]
+        if metric in ("credit_concentration", "logprob_lift_key_tokens") and method != "others":
+            column = CONCENTRATION if metric == "credit_concentration" else LIFT
+            runs = curves[(curves["model"] == model) & (curves["method"] == method)]
+            return runs[column].mean() if column in runs else np.nan
         if metric == "final_val_gap_vs_strong" and tier_runs and row["method"] in tier_runs:
             return 100 * (_ema_ends(curves, model, tier_runs[row["method"]], VAL, smooth=False)[1] -
                           _ema_ends(curves, model, tier_runs["strong"], VAL, smooth=False)[1])
@@ -210,6 +222,31 @@ def figure_numbers(curves: pd.DataFrame, paper: pd.DataFrame, tier_runs: dict[st
                          "paper": ("" if row["relation"] == "=" else row["relation"]) + row["value"],
                          "unit": row["unit"], "note": row["note"], "source": row["source"]})
     return pd.DataFrame(rows)
+
+
+# the paper's mechanism numbers per method (TRACE.md §7; its "TRACE" is compared with TRACE-FKL)
+PAPER_MECHANISM = {CONCENTRATION: {"trace_fkl": "8.5", **dict.fromkeys(["grpo", "sdpo", "srpo", "rlsd"], "1.0–1.1")},
+                   LIFT: {"trace_fkl": "0.145", "grpo": "0.054"}}
+
+
+def mechanism_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Credit concentration (Fig 6) and one-step log-prob lift per (model, method): at step 0 (every
+    method probes the same rollouts of the same base policy) and the mean over all probed steps and
+    seeds, beside the paper's values (TRACE.md §7, Qwen3; no model stated)."""
+    columns = [c for c in (CONCENTRATION, LIFT) if c in curves]
+    probed = curves.dropna(subset=columns, how="all") if columns else curves.iloc[0:0]
+    rows = []
+    for (model, method), runs in probed.groupby(["model", "method"]):
+        first = runs[runs["step"] == runs["step"].min()]
+        row = {"model": model, "method": method, "probe_steps": " ".join(map(str, sorted(runs["step"].unique())))}
+        for column, name in ((CONCENTRATION, "credit_concentration"), (LIFT, "logprob_lift")):
+            row[f"{name}_first_step"] = first[column].mean() if column in runs else np.nan
+            row[f"{name}_mean"] = runs[column].mean() if column in runs else np.nan
+            row[f"paper_{name}"] = PAPER_MECHANISM[column].get(method, "")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "method", "probe_steps", "credit_concentration_first_step",
+                                       "credit_concentration_mean", "paper_credit_concentration",
+                                       "logprob_lift_first_step", "logprob_lift_mean", "paper_logprob_lift"])
 
 
 def _write_table(table: pd.DataFrame, tables: Path, name: str, header: str) -> None:
@@ -292,6 +329,17 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
                        "all-token, inverted 25%: no numbers to compare")
         _write_table(ablation_table(evals, columns, masks["model"], rows).round(2), tables, "mask_localisation",
                      header)
+    mechanism = mechanism_table(curves).round(4).set_index(["model", "method"])
+    _write_table(mechanism, tables, "mechanism",
+                 "Mechanism measurements (trace/train/probe.py) on train.probe.steps: credit concentration = mean "
+                 "|Δ log π(y_t)| of one update inside the annotated spans / outside (Fig 6); log-prob lift = mean "
+                 "Δ log π(y_t) on key-span tokens the teacher supports (nats). first_step: the first probed step "
+                 "(step 0: every method updates from the same rollouts); mean: over probed steps and seeds. paper_*: "
+                 "TRACE.md §7 (Qwen3; its 'TRACE' compared with trace_fkl, '1.0–1.1' for the other methods), a "
+                 "reference, not a like-for-like target in the toy world")
+    maps_path = aggregate_dir / "credit_maps.csv"
+    maps = pd.read_csv(maps_path, keep_default_na=False) if maps_path.exists() else pd.DataFrame(columns=MAP_COLUMNS)
+    _credit_map_figure(plt, maps, main_runs, figures / "fig6_credit_map.png")
     if compare:
         numbers = figure_numbers(curves, paper, tier_runs).round(4).set_index("item")
         numbers.to_csv(tables / "paper_figure_numbers.csv")
@@ -320,6 +368,52 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
     if masks:
         runs = ["grpo", "trace_fkl", *masks["methods"]]
         _curve_figure(plt, curves, {masks["model"]: runs}, ablation_panels, figures / "mask_localisation.png")
+
+
+def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> None:
+    """Fig 6: one probed rollout, one row per method, each token coloured by its share of the row's
+    largest |Δ log π| and the annotated spans boxed. Drawn for the first model and the first probed
+    step, where every method updates from the same rollout."""
+    maps = maps[maps["method"].isin(runs)]
+    if maps.empty:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no credit map in the aggregate (train.probe.steps)", ha="center", va="center", color="0.5")
+        ax.axis("off")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    model = sorted(maps["model"].unique())[0]
+    maps = maps[(maps["model"] == model) & (maps["seed"] == maps["seed"].min())]
+    maps = maps[maps["step"] == maps["step"].min()]
+    methods = [m for m in runs if m in set(maps["method"])]
+    width = int(maps["position"].max()) + 1
+    fig, axes = plt.subplots(len(methods), 1, figsize=(max(6, 0.14 * width), 0.9 * len(methods) + 0.8),
+                             squeeze=False)
+    for ax, method in zip(axes[:, 0], methods):
+        row = maps[maps["method"] == method].sort_values("position")
+        credit = row["credit"].to_numpy(dtype=float)
+        ax.imshow((credit / max(credit.max(), 1e-12))[None, :], aspect="auto", cmap="Reds", vmin=0, vmax=1)
+        for start, stop in _runs_of_ones(row["span"].to_numpy(dtype=int)):
+            ax.add_patch(plt.Rectangle((start - 0.5, -0.5), stop - start, 1, fill=False, edgecolor="tab:blue", lw=1.5))
+        inside, outside = credit[row["span"] == 1].mean(), credit[row["span"] == 0].mean()
+        ax.set_yticks([0], [f"{method}\n{inside / outside:.1f}×" if outside > 0 else method], fontsize=7)
+        ax.set_xticks([])
+    per_method = [tuple(maps[maps["method"] == m].sort_values("position")["token"]) for m in methods]
+    if len(set(per_method)) == 1:  # the same rollout for every method (step 0): label its tokens
+        tokens = [str(t).replace("Ġ", "␣").replace("Ċ", "⏎") for t in per_method[0]]
+        axes[-1, 0].set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
+    axes[0, 0].set_title(f"{model}, step {int(maps['step'].min())}: per-token |Δ log π| of one update (row-normalised),"
+                         " annotated spans boxed; inside/outside ratio under each name", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _runs_of_ones(flags) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive 1s."""
+    padded = np.concatenate([[0], flags, [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[::2], edges[1::2]))
 
 
 CI_NOTE = ("CI: a benchmark cell of one seed is its percentile bootstrap over problems; AVG and several-seed cells "
