@@ -455,7 +455,6 @@ class Trainer:
         shutil.copyfile(self.run.live_metrics, self.run.metrics)
         return self.run.model
 
-
     def _save_output_model(self) -> None:
         """model/ = the last policy, or (validation.select best) the best-on-validation one, with the
         last kept in work/last."""
