@@ -51,7 +51,8 @@ def cmd_train(args, cfg):
         logging.getLogger("trace").info("training data %s from %s", args.train_data,
                                         check_train_source(Path(args.train_data), cfg["train_source"]))
     # the Trainer builds the configured annotator tier (train.annotator) itself: the self tier needs its policy
-    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir)).fit()
+    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir),
+            val_path=Path(args.val_data) if args.val_data else None).fit()
 
 
 def cmd_evaluate(args, cfg):
@@ -105,7 +106,7 @@ STAGES = {
     "prepare-benchmarks": (cmd_prepare_benchmarks, ["--out-dir"]),
     "prepare-train": (cmd_prepare_train, ["--out-dir"]),
     "base-model": (cmd_base_model, ["--out-dir", "--train-data?"]),
-    "train": (cmd_train, ["--base", "--train-data", "--run-dir"]),
+    "train": (cmd_train, ["--base", "--train-data", "--run-dir", "--val-data?"]),
     "evaluate": (cmd_evaluate, ["--model", "--data+", "--out-dir"]),
     "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),

@@ -18,6 +18,7 @@ rule train:
     input:
         base="results/base/{model}",
         data=TRAIN_DATA,
+        val_data=VAL_DATA,
         annotator_model=annotator_model,
     output:
         model=directory("results/train/{model}/{method}/seed{seed}/model"),
@@ -33,4 +34,4 @@ rule train:
         "logs/train/{model}/{method}/seed{seed}.log",
     shell:
         "{PYTHON} -m trace train --cfg {params.cfg} --base {input.base} --train-data {input.data}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        " --val-data {input.val_data} --run-dir {params.run_dir} > {log} 2>&1"
