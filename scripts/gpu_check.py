@@ -120,7 +120,8 @@ def run_method(method: str, args, model_dir: Path, data: Path, out: Path, dist_:
     cfg.update(method=method, seed=0, thinking=False, steps=args.steps, batch_prompts=args.prompts,
                group_size=args.group, save_every=args.steps, device=args.device,
                dtype="bfloat16" if args.device == "cuda" else "float32", activation_checkpointing=True,
-               micro_batch_tokens=args.micro_batch_tokens, rollout_rng="rollout")
+               micro_batch_tokens=args.micro_batch_tokens, rollout_rng="rollout",
+               validation={"every": 0}, probe={"steps": []})  # neither runs under torchrun yet
     cfg["sampling"]["max_new_tokens"] = args.max_new_tokens
     if dist_.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist_.device)

@@ -33,7 +33,8 @@ METRIC_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 def run_config(method, steps=3):
     cfg = copy.deepcopy(BASE_TRAIN)
     cfg.update(method=method, seed=0, thinking=False, steps=steps, batch_prompts=4, group_size=4,
-               micro_batch_size=4, lr=1e-3, save_every=1, rollout_rng="rollout")
+               micro_batch_size=4, lr=1e-3, save_every=1, rollout_rng="rollout",
+               probe={"steps": []})  # the mechanism probe does not run under torchrun yet
     # multiple-choice prompts at T = 1: the tiny base gets some groups right, so GRPO has a gradient
     cfg["sampling"].update(temperature=1.0, max_new_tokens=64)
     return cfg

@@ -84,7 +84,7 @@ def one_step(tiny_base, toy_data, run_dir, method, **overrides):
 
     cfg = copy.deepcopy(BASE_TRAIN)
     cfg.update(method=method, seed=0, thinking=False, steps=1, batch_prompts=4, group_size=4, micro_batch_size=16,
-               lr=1e-3, save_every=10, weight_decay=0.0, **overrides)
+               lr=1e-3, save_every=10, weight_decay=0.0, probe={"steps": []}, **overrides)
     cfg["sampling"].update(temperature=1.0, max_new_tokens=64)
     torch.set_num_threads(1)
     return Trainer(cfg, tiny_base, toy_data / "choice_ood.jsonl", run_dir).train_step(0)
