@@ -1,27 +1,51 @@
-# TRACE reproduction pipeline. Default: the embedded toy study (config.yaml).
-#   snakemake --cores 2                    # whole study on this machine
-#   snakemake --profile profiles/slurm     # on a SLURM cluster (see README)
-#   snakemake --cores 2 report             # tables and figures from cached results
+# TRACE reproduction pipeline.
+#   snakemake --cores 2                                            # the toy study (config.yaml), on this machine
+#   snakemake --cores 2 --configfile workflow/configs/paper_smoke.yaml   # the paper path on CPU (see README)
+#   snakemake --profile slurm                                      # the paper study on a SLURM cluster (see README)
+#   snakemake --cores 2 report                                     # tables and figures from the aggregate
+import importlib.util
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
 
 min_version("9.0")
 
-configfile: os.path.join(workflow.basedir, "config.yaml")
-validate(config, "workflow/schemas/config.schema.yaml")
-
 REPO = Path(workflow.basedir).resolve()
-# Our package `trace` shadows the stdlib module of that name: jobs run `python -m trace` with the
-# repo first on the path. Few threads + passive waiting keep two jobs from starving 2 cores.
+
+
+def _load_by_path(name, relative):
+    """Our package `trace` shares its name with a stdlib module Snakemake may have imported: load by path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+study_config = _load_by_path("trace_study_config", "trace/study_config.py")
+# The study: config.yaml (toy), unless a --configfile is a complete study (has `study:`); the
+# other --configfile files and --config items are overrides on top (trace/study_config.py).
+try:
+    _study = study_config.load_study(REPO, workflow.config_settings.configfiles, workflow.config_settings.config)
+    study_config.validate(_study, REPO / "workflow/schemas/config.schema.yaml")
+except study_config.StudyConfigError as error:
+    raise WorkflowError(f"config error: {error}") from None
+config.clear()
+config.update(_study.config)
+STUDY = config["study"]
+
+# Jobs run `python -m trace` with the repo first on the path (the stdlib-shadowing note above).
+# Few threads + passive waiting keep two jobs from starving 2 cores.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if STUDY == "toy":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the toy world never needs the hub
 PYTHON = os.environ.get("TRACE_PYTHON", sys.executable)  # the venv that runs snakemake runs the jobs
 
 

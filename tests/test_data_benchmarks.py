@@ -10,6 +10,7 @@ from trace.data import (
     DataSourceError,
     EXPECTED_ROWS,
     MAIN_EVAL_SETS,
+    check_train_source,
     prepare_eval_sets,
     prepare_train_set,
     read_records,
@@ -114,7 +115,7 @@ def test_optional_eval_sets(tmp_path):
 
 
 def test_training_split(tmp_path):
-    manifest = prepare_train_set(SHARED_DATA, tmp_path, max_rows=600, val_rows=50, seed=3, source="mirror")
+    manifest = prepare_train_set(SHARED_DATA, tmp_path, max_rows=600, val_rows=50, seed=3, source="math_train")
     train, val = read_records(tmp_path / "train.jsonl"), read_records(tmp_path / "val.jsonl")
     assert (len(train), len(val)) == (600, 50)
     assert manifest["files"]["train.jsonl"]["rows"] == 600
@@ -126,24 +127,31 @@ def test_training_split(tmp_path):
         assert record["solution"] and last_boxed_content(record["solution"]) == record["answer"]
 
     again = tmp_path / "again"
-    prepare_train_set(SHARED_DATA, again, max_rows=600, val_rows=50, seed=3, source="mirror")
+    prepare_train_set(SHARED_DATA, again, max_rows=600, val_rows=50, seed=3, source="math_train")
     assert _sha256(again / "train.jsonl") == _sha256(tmp_path / "train.jsonl")
 
 
 def test_full_math_train_pool(tmp_path):
-    manifest = prepare_train_set(SHARED_DATA, tmp_path, max_rows=100_000, val_rows=500, seed=0, source="mirror")
+    manifest = prepare_train_set(SHARED_DATA, tmp_path, max_rows=100_000, val_rows=500, seed=0, source="math_train")
     # 7,500 problems minus two whose solutions end in an empty \boxed{} (number_theory/7115, 7117),
     # minus one problem text that occurs twice
     assert manifest["files"]["val.jsonl"]["rows"] == 500
     assert manifest["files"]["train.jsonl"]["rows"] == 7500 - 2 - 1 - 500
 
 
-def test_offline_hub_fallback_and_errors(tmp_path, monkeypatch):
+def test_no_silent_fallback_and_the_source_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataSourceError, match="open-thoughts/OpenThoughts-114k"):
-        prepare_train_set(SHARED_DATA, tmp_path, max_rows=10, val_rows=2, seed=0, source="hub")
-    manifest = prepare_train_set(SHARED_DATA, tmp_path, max_rows=10, val_rows=2, seed=0, source="auto")
+        prepare_train_set(SHARED_DATA, tmp_path, max_rows=10, val_rows=2, seed=0, source="openthoughts")
+    assert not (tmp_path / "train.jsonl").exists()  # offline: an error, never MATH train instead
+    with pytest.raises(ValueError, match="real_data.train_source"):
+        prepare_train_set(SHARED_DATA, tmp_path, max_rows=10, val_rows=2, seed=0, source="auto")
+    manifest = prepare_train_set(SHARED_DATA, tmp_path, max_rows=10, val_rows=2, seed=0, source="math_train")
     assert manifest["files"]["train.jsonl"]["source"].startswith("mirror:")
+    assert manifest["files"]["train.jsonl"]["train_source"] == "math_train"
+    assert check_train_source(tmp_path / "train.jsonl", "math_train").startswith("mirror:")
+    with pytest.raises(DataSourceError, match="config asks for real_data.train_source 'openthoughts'"):
+        check_train_source(tmp_path / "train.jsonl", "openthoughts")
     with pytest.raises(DataSourceError, match="HuggingFaceH4/MATH-500"):
         prepare_eval_sets(None, tmp_path, ["math500"])
 
@@ -157,6 +165,6 @@ def test_missing_mirror_names_path_and_config_key(tmp_path):
     with pytest.raises(DataSourceError, match=r"empty_mirror/aime24/test.jsonl not found.*data\.mirror_dir"):
         prepare_eval_sets(empty, tmp_path / "out", ["aime24"])
     with pytest.raises(DataSourceError, match=r"train/MATH/train not found"):
-        prepare_train_set(empty, tmp_path / "out", max_rows=10, val_rows=2, seed=0, source="mirror")
+        prepare_train_set(empty, tmp_path / "out", max_rows=10, val_rows=2, seed=0, source="math_train")
     with pytest.raises(ValueError, match="unknown eval set 'aime26'"):
         prepare_eval_sets(SHARED_DATA, tmp_path / "out", ["aime26"])

@@ -34,17 +34,38 @@ def cmd_toy_base(args, cfg):
     build_toy_base(cfg, Path(args.data_dir), Path(args.out_dir))
 
 
+def cmd_base_model(args, cfg):
+    from trace.base_model import materialise
+
+    materialise(cfg["name"], cfg["entry"], Path(args.out_dir),
+                train_data=Path(args.train_data) if args.train_data else None, thinking=cfg.get("thinking", True),
+                section=cfg.get("section", "models"))
+
+
 def cmd_train(args, cfg):
     from trace.train.trainer import Trainer
 
+    if cfg.get("train_source"):  # a real-data run trains only on the source its config asks for
+        from trace.data.benchmarks import check_train_source
+
+        logging.getLogger("trace").info("training data %s from %s", args.train_data,
+                                        check_train_source(Path(args.train_data), cfg["train_source"]))
     # the Trainer builds the configured annotator tier (train.annotator) itself: the self tier needs its policy
-    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir)).fit()
+    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir),
+            val_path=Path(args.val_data) if args.val_data else None).fit()
 
 
 def cmd_evaluate(args, cfg):
-    from trace.evaluation.run import evaluate
+    """All of one policy's benchmarks in ONE lm-eval call: the model loads once."""
+    from trace.evaluation.run import evaluate_many
 
-    evaluate(Path(args.model), args.benchmark, Path(args.data), Path(args.out), **cfg)
+    data = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--data {item!r}: expected BENCHMARK=PATH")
+        data[name] = Path(path)
+    evaluate_many(Path(args.model), data, Path(args.out_dir), **cfg)
 
 
 def cmd_prepare_benchmarks(args, cfg):
@@ -58,7 +79,7 @@ def cmd_prepare_train(args, cfg):
     from trace.data.benchmarks import prepare_train_set
 
     prepare_train_set(Path(cfg["mirror_dir"]) if cfg.get("mirror_dir") else None, Path(args.out_dir),
-                      cfg["max_rows"], cfg["val_rows"], cfg.get("seed", 0), source=cfg.get("source", "auto"))
+                      cfg["max_rows"], cfg["val_rows"], cfg.get("seed", 0), source=cfg["source"])
 
 
 def cmd_aggregate(args, cfg):
@@ -84,24 +105,33 @@ STAGES = {
     "toy-base": (cmd_toy_base, ["--data-dir", "--out-dir"]),
     "prepare-benchmarks": (cmd_prepare_benchmarks, ["--out-dir"]),
     "prepare-train": (cmd_prepare_train, ["--out-dir"]),
-    "train": (cmd_train, ["--base", "--train-data", "--run-dir"]),
-    "evaluate": (cmd_evaluate, ["--model", "--benchmark", "--data", "--out"]),
-    "aggregate": (cmd_aggregate, ["--evals", "--metrics", "--out-dir"]),
+    "base-model": (cmd_base_model, ["--out-dir", "--train-data?"]),
+    "train": (cmd_train, ["--base", "--train-data", "--run-dir", "--val-data?"]),
+    "evaluate": (cmd_evaluate, ["--model", "--data+", "--out-dir"]),
+    "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
 }
-FILE_LISTS = {"--evals", "--metrics"}  # options that take the rule's declared input files (zero or more)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["smoke"]:  # everything after `smoke` belongs to Snakemake
+        from trace.smoke import run_smoke
+
+        sys.exit(run_smoke(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m trace", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     for name, (_, options) in STAGES.items():
         stage = sub.add_parser(name)
         stage.add_argument("--cfg", default="{}", help="the stage's settings as JSON (built by the Snakefile)")
-        for option in options:
-            stage.add_argument(option, required=True, nargs="*" if option in FILE_LISTS else None)
+        for option in options:  # "--name?" optional; "--name+" / "--name*" one or more / any number of values
+            stage.add_argument(option.rstrip("?+*"), required=not option.endswith("?"),
+                               nargs=option[-1] if option[-1] in "+*" else None)
     from trace.bench import add_arguments as add_bench_arguments
 
+    sub.add_parser("smoke", help="the paper path on CPU: start the smoke's annotator server, run "
+                                 "workflow/configs/paper_smoke.yaml through Snakemake, stop the server; "
+                                 "further arguments go to Snakemake (default: --cores 2)")
     bench = sub.add_parser("bench", help="memory and time: routed vs all-token KL, TRACE vs GRPO step loss phase")
     add_bench_arguments(bench)
     bench.set_defaults(cfg="{}")

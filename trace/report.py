@@ -3,15 +3,28 @@
     results/eval/<model>/<policy>/<benchmark>.json      -> results/aggregate/evals.csv
     results/train/<model>/<method>/seed<s>/metrics.jsonl -> results/aggregate/training_curves.csv
     aggregate CSVs -> results/tables/*.md|csv, results/figures/*.png   (no GPU, no model)
+
+The paper study (cfg ``compare_to_paper``) prints the paper's reported numbers
+(trace/paper_results.csv, values exactly as TRACE.md §7 gives them) beside ours.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-CURVE_COLUMNS = ("reward_mean", "entropy", "response_length", "lambda", "grad_norm", "span_coverage")
+VAL = "val/mean_at_k"  # validation mean@k after a step (trainer.validate), logged every validation.every steps
+CONCENTRATION, LIFT = "probe/credit_concentration", "probe/logprob_lift_key_supported"  # trace/train/probe.py
+CURVE_COLUMNS = ("reward_mean", "entropy", "response_length", "lambda", "grad_norm", "span_coverage",
+                 "teacher_entropy", "srpo_weight_raw_mean", VAL, "val/ci95_low", "val/ci95_high",
+                 CONCENTRATION, LIFT, "probe/credit_inside", "probe/credit_outside")
+MAP_COLUMNS = ["model", "method", "seed", "step", "position", "token", "credit", "span"]
+PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
+Z95 = 1.959964  # two-sided 95% normal quantile
+EMA = 0.85      # curve smoothing of Fig. 1a: exponentially weighted mean, decay 0.85 (pandas ewm, alpha 0.15)
 
 
 def _policy_method_seed(policy: str) -> tuple[str, int | None]:
@@ -40,7 +53,7 @@ def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_
                           "pass_at_1": 100 * result["pass_at_k"]["1"]})
     if not eval_rows:
         raise FileNotFoundError(f"no evaluation results given (--evals) for benchmarks {list(benchmarks)}")
-    curve_rows = []
+    curve_rows, map_rows = [], []
     for path in metrics_files:
         model, method, seed = path.parts[-4], path.parts[-3], int(path.parts[-2].removeprefix("seed"))
         for line in _existing(path).read_text().splitlines():
@@ -48,10 +61,15 @@ def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_
                 row = json.loads(line)
                 curve_rows.append({"model": model, "method": method, "seed": seed, "step": row["step"],
                                    **{c: row.get(c) for c in CURVE_COLUMNS}})
+                if credit_map := row.get("probe/map"):  # Fig 6: one probed rollout, token by token
+                    map_rows += [dict(zip(MAP_COLUMNS, (model, method, seed, row["step"], i, *token)))
+                                 for i, token in enumerate(zip(credit_map["tokens"], credit_map["credit"],
+                                                               credit_map["span"]))]
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(eval_rows).to_csv(out_dir / "evals.csv", index=False)
     pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *CURVE_COLUMNS]).to_csv(
         out_dir / "training_curves.csv", index=False)
+    pd.DataFrame(map_rows, columns=MAP_COLUMNS).to_csv(out_dir / "credit_maps.csv", index=False)
 
 
 def _existing(path: Path) -> Path:
@@ -80,12 +98,192 @@ def ablation_table(evals: pd.DataFrame, columns: list[str], model: str, rows: di
     return out
 
 
+def read_paper_results(path: Path = PAPER_RESULTS) -> pd.DataFrame:
+    """The paper's reported numbers; ``value`` stays text (e.g. the range "1.0–1.1"), ``number`` is
+    the value as a float where the paper states it exactly (relation "=")."""
+    paper = pd.read_csv(path, dtype=str, keep_default_na=False)
+    paper["number"] = pd.to_numeric(paper["value"].where(paper["relation"] == "="), errors="coerce")
+    return paper
+
+
+def cell_estimates(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Our value and 95% CI per (model, method, column), AVG included (only for complete rows).
+
+    One seed: the cell's percentile-bootstrap CI as evaluated. Several seeds, and AVG: a normal CI
+    around the mean from the cells' bootstrap standard errors (se = CI width / 3.92), treating
+    benchmarks and seeds as independent; it covers evaluation sampling, not seed-to-seed variance.
+    """
+    def pooled_se(se: pd.Series) -> float:  # se of the mean of independent estimates
+        return float(np.sqrt((se ** 2).sum())) / len(se)
+
+    rows = evals[evals["column"].isin(columns)].assign(se=lambda d: (d["ci_high"] - d["ci_low"]) / (2 * Z95))
+    by_cell = rows.groupby(["model", "method", "column"])
+    cells = pd.DataFrame({"ours": by_cell["avg_at_k"].mean(), "n_seeds": by_cell.size(),
+                          "se": by_cell["se"].apply(pooled_se), "ci_low": by_cell["ci_low"].first(),
+                          "ci_high": by_cell["ci_high"].first()}).reset_index()
+    by_run = cells.groupby(["model", "method"])
+    avg = pd.DataFrame({"ours": by_run["ours"].mean(), "n_seeds": by_run["n_seeds"].max(),
+                        "se": by_run["se"].apply(pooled_se), "n_columns": by_run.size()}).reset_index()
+    avg = avg[avg.pop("n_columns") == len(columns)].assign(column="AVG")
+    out = pd.concat([cells, avg], ignore_index=True)
+    normal = (out["n_seeds"] > 1) | (out["column"] == "AVG")
+    out.loc[normal, "ci_low"] = out["ours"] - Z95 * out["se"]
+    out.loc[normal, "ci_high"] = out["ours"] + Z95 * out["se"]
+    return out
+
+
+def paper_comparison(evals: pd.DataFrame, columns: list[str], paper: pd.DataFrame,
+                     paper_models: dict[str, str]) -> pd.DataFrame:
+    """Table 2 side by side, one row per (model, method, column): ours with CI, the paper's value
+    where TRACE.md has one, and diff = ours − paper where the paper states it exactly."""
+    ours = cell_estimates(evals, columns)
+    ours["paper_model"] = ours["model"].map(lambda m: paper_models.get(m, m))
+    known = paper[paper["item"] == "table2"].rename(columns={"model": "paper_model", "metric": "column",
+                                                             "value": "paper"})
+    out = ours.merge(known[["paper_model", "method", "column", "relation", "paper", "number", "source"]],
+                     on=["paper_model", "method", "column"], how="left")
+    out["diff"] = out["ours"] - out.pop("number")
+    return out
+
+
+def _cell_text(row) -> str:
+    """'ours [lo, hi]', then the paper's value and ours − paper where the paper has one."""
+    text = f"{row['ours']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+    if isinstance(row.get("paper"), str) and row["paper"]:
+        relation = "" if row["relation"] == "=" else row["relation"]
+        text += f" · paper {relation}{row['paper']}"
+        if pd.notna(row["diff"]):
+            text += f" · Δ {row['diff']:+.2f}"
+    return text
+
+
+def side_by_side(comparison: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Wide table of cell texts, rows (model, method) in main_table's order."""
+    cells = comparison.assign(text=comparison.apply(_cell_text, axis=1))
+    wide = cells.pivot(index=["model", "method"], columns="column", values="text")
+    wide = wide.reindex(columns=[*columns, "AVG"]).fillna("—")
+    order = {"base": 0, "grpo": 1}
+    return wide.sort_index(key=lambda idx: idx.map(lambda v: (order.get(v, 2), v)) if idx.name == "method" else idx)
+
+
+def tier_comparison(evals: pd.DataFrame, columns: list[str], model: str, rows: dict[str, str],
+                    paper_keys: dict[str, str], paper: pd.DataFrame, paper_model: str) -> pd.DataFrame:
+    """Table 3 as the paper reports it: AVG gain over the same model's GRPO, ours with a 95% CI
+    (independent evaluations: se² = se_run² + se_grpo²) beside the paper's gain. A row's paper key
+    is paper_keys[label], else the label itself (the tier name: self, frozen, static)."""
+    table = ablation_table(evals, columns, model, rows)
+    if "gain_vs_grpo" not in table:
+        return table
+    avg = cell_estimates(evals[evals["model"] == model], columns).query("column == 'AVG'").set_index("method")["se"]
+    se = np.sqrt(pd.Series([avg.get(rows[label], np.nan) for label in table.index], index=table.index) ** 2
+                 + avg.get("grpo", np.nan) ** 2)
+    table["gain_ci_low"] = table["gain_vs_grpo"] - Z95 * se
+    table["gain_ci_high"] = table["gain_vs_grpo"] + Z95 * se
+    gains = paper[(paper["item"] == "table3") & (paper["model"] == paper_model)].set_index("method")["number"]
+    table["paper_gain_vs_grpo"] = [gains.get(paper_keys.get(label, label), np.nan) for label in table.index]
+    table["diff_gain"] = table["gain_vs_grpo"] - table["paper_gain_vs_grpo"]
+    return table
+
+
+def _ema_ends(curves: pd.DataFrame, model: str, method: str, column: str, smooth: bool = True) -> tuple[float, float]:
+    """First and last value of a run's seed-mean curve as drawn (EMA 0.85 unless smooth is False)."""
+    runs = curves[(curves["model"] == model) & (curves["method"] == method)]
+    mean = runs.groupby("step")[column].mean().dropna() if column in runs else pd.Series(dtype=float)
+    if mean.empty:
+        return np.nan, np.nan
+    drawn = mean.ewm(alpha=1 - EMA).mean() if smooth else mean
+    return float(drawn.iloc[0]), float(drawn.iloc[-1])
+
+
+def figure_numbers(curves: pd.DataFrame, paper: pd.DataFrame, tier_runs: dict[str, str] | None) -> pd.DataFrame:
+    """The paper's figure and mechanism numbers beside ours per model where the aggregate supports
+    them (ends of the EMA-smoothed curves as drawn); '—' where it does not (yet)."""
+    # TRACE.md's "TRACE" in Fig. 8 names no variant: compared with the default corner, TRACE-FKL
+    method_of = {"trace": "trace_fkl"}
+
+    def ours(row, model):
+        method = method_of.get(row["method"], row["method"])
+        metric = row["metric"]
+        if metric.startswith(("response_length_", "srpo_weight_")):
+            column = "response_length" if metric.startswith("response_length_") else "srpo_weight_raw_mean"
+            first, last = _ema_ends(curves, model, method, column)
+            return first if metric.endswith("_start") else last
+        if metric == "entropy":
+            return _ema_ends(curves, model, method, "entropy")[1]
+        if metric == "entropy_ratio_vs_grpo":
+            return _ema_ends(curves, model, method, "entropy")[1] / _ema_ends(curves, model, "grpo", "entropy")[1]
+        if metric in ("credit_concentration", "logprob_lift_key_tokens") and method != "others":
+            column = CONCENTRATION if metric == "credit_concentration" else LIFT
+            runs = curves[(curves["model"] == model) & (curves["method"] == method)]
+            return runs[column].mean() if column in runs else np.nan
+        if metric == "final_val_gap_vs_strong" and tier_runs and row["method"] in tier_runs:
+            return 100 * (_ema_ends(curves, model, tier_runs[row["method"]], VAL, smooth=False)[1] -
+                          _ema_ends(curves, model, tier_runs["strong"], VAL, smooth=False)[1])
+        return np.nan
+
+    figures = paper[paper["item"].str.startswith(("fig", "mechanism"))]
+    rows = []
+    for _, row in figures.iterrows():
+        for model in sorted(curves["model"].unique()):
+            value = ours(row, model)
+            rows.append({"item": row["item"], "metric": row["metric"], "method": row["paper_name"],
+                         "model": model, "ours": value,
+                         "paper": ("" if row["relation"] == "=" else row["relation"]) + row["value"],
+                         "unit": row["unit"], "note": row["note"], "source": row["source"]})
+    return pd.DataFrame(rows)
+
+
+# the paper's mechanism numbers per method (TRACE.md §7; its "TRACE" is compared with TRACE-FKL)
+PAPER_MECHANISM = {CONCENTRATION: {"trace_fkl": "8.5", **dict.fromkeys(["grpo", "sdpo", "srpo", "rlsd"], "1.0–1.1")},
+                   LIFT: {"trace_fkl": "0.145", "grpo": "0.054"}}
+
+
+def mechanism_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Credit concentration (Fig 6) and one-step log-prob lift per (model, method): at step 0 (every
+    method probes the same rollouts of the same base policy) and the mean over all probed steps and
+    seeds, beside the paper's values (TRACE.md §7, Qwen3; no model stated)."""
+    columns = [c for c in (CONCENTRATION, LIFT) if c in curves]
+    probed = curves.dropna(subset=columns, how="all") if columns else curves.iloc[0:0]
+    rows = []
+    for (model, method), runs in probed.groupby(["model", "method"]):
+        first = runs[runs["step"] == runs["step"].min()]
+        row = {"model": model, "method": method, "probe_steps": " ".join(map(str, sorted(runs["step"].unique())))}
+        for column, name in ((CONCENTRATION, "credit_concentration"), (LIFT, "logprob_lift")):
+            row[f"{name}_first_step"] = first[column].mean() if column in runs else np.nan
+            row[f"{name}_mean"] = runs[column].mean() if column in runs else np.nan
+            row[f"paper_{name}"] = PAPER_MECHANISM[column].get(method, "")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "method", "probe_steps", "credit_concentration_first_step",
+                                       "credit_concentration_mean", "paper_credit_concentration",
+                                       "logprob_lift_first_step", "logprob_lift_mean", "paper_logprob_lift"])
+
+
 def _write_table(table: pd.DataFrame, tables: Path, name: str, header: str) -> None:
     table.to_csv(tables / f"{name}.csv")
-    (tables / f"{name}.md").write_text(header + "\n\n" + table.reset_index().to_markdown(index=False) + "\n")
+    _write_markdown(table, tables, name, header)
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One subplot: a curve column (or several, e.g. actor vs teacher entropy), optionally for a few
+    runs only; sparse series (validation) are drawn unsmoothed with markers."""
+    columns: tuple[str, ...]
+    title: str
+    runs: tuple[str, ...] | None = None
+    smooth: bool = True
+    band: tuple[str, str] | None = None  # columns of a shaded interval around the line (e.g. a 95% CI)
+
+
+TRAIN_REWARD = Panel(("reward_mean",), "training reward")
+ENTROPY = Panel(("entropy",), f"per-token entropy (nats), EMA {EMA}")
+LENGTH = Panel(("response_length",), "response length (tokens)")
+VALIDATION = Panel((VAL,), "validation mean@k (held-out), 95% CI", smooth=False,
+                   band=("val/ci95_low", "val/ci95_high"))
 
 
 def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> None:
+    """cfg: benchmarks {benchmark: paper column}, methods, ablations; for the paper study also
+    compare_to_paper: true and paper_models {our model name: the paper's, e.g. Qwen3-8B}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,31 +295,82 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
     tables, figures = out_dir / "tables", out_dir / "figures"
     tables.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
+    compare = bool(cfg.get("compare_to_paper"))
+    paper = read_paper_results() if compare else None
+    paper_models = cfg.get("paper_models") or {}
     k = int(evals["k"].iloc[0])
     legend = (f"avg@{k}, %; benchmark columns are the paper's, filled by this study's benchmarks: "
               f"{', '.join(f'{b} → {c}' for b, c in cfg['benchmarks'].items())}")
     main_runs = ["base", *cfg.get("methods", evals["method"].unique())]
-    table = main_table(evals[evals["method"].isin(main_runs)], columns).round(2)
-    _write_table(table, tables, "main_results", f"Main results (Table 2 shape; {legend})")
+    main_evals = evals[evals["method"].isin(main_runs)]
+    table = main_table(main_evals, columns).round(2)
+    if compare:
+        comparison = paper_comparison(main_evals, columns, paper, paper_models)
+        comparison.round(4).to_csv(tables / "main_results_vs_paper.csv", index=False)
+        table.to_csv(tables / "main_results.csv")  # ours, numeric; the markdown shows the paper beside it
+        _write_markdown(side_by_side(comparison, columns), tables, "main_results",
+                        f"Main results (Table 2) beside the paper's: ours [95% CI] · paper (TRACE.md §7) · "
+                        f"Δ = ours − paper; {legend}; {CI_NOTE}")
+    else:
+        _write_table(table, tables, "main_results", f"Main results (Table 2 shape; {legend})")
 
     ablations = cfg.get("ablations") or {}
+    tier_runs = None
     if tiers := ablations.get("annotator_tiers"):
         # the main run of the same method uses train.annotator: the strongest tier (API / toy oracle)
-        rows = {f"strong ({tiers['method']}, train.annotator)": tiers["method"],
-                **{tier: f"{tiers['method']}@{tier}" for tier in tiers["tiers"]}}
-        _write_table(ablation_table(evals, columns, tiers["model"], rows).round(2), tables, "annotator_tiers",
-                     f"Annotator tiers (Table 3 shape) on {tiers['model']}; gain_vs_grpo = AVG − GRPO's AVG ({legend})")
+        strong = f"strong ({tiers['method']}, train.annotator)"
+        rows = {strong: tiers["method"], **{tier: f"{tiers['method']}@{tier}" for tier in tiers["tiers"]}}
+        tier_runs = {"strong": tiers["method"], **{tier: run for tier, run in rows.items() if tier != strong}}
+        header = f"Annotator tiers (Table 3 shape) on {tiers['model']}; gain_vs_grpo = AVG − GRPO's AVG ({legend})"
+        if compare:
+            tier_table = tier_comparison(evals, columns, tiers["model"], rows, {strong: "strong"}, paper,
+                                         paper_models.get(tiers["model"], tiers["model"]))
+            header += ("; gain 95% CI from the two AVGs' CIs; paper_gain_vs_grpo from TRACE.md §7 Table 3; "
+                       "diff_gain = ours − paper")
+        else:
+            tier_table = ablation_table(evals, columns, tiers["model"], rows)
+        _write_table(tier_table.round(2), tables, "annotator_tiers", header)
     if masks := ablations.get("mask_localisation"):
         rows = {"annotated spans (trace_fkl)": "trace_fkl", **{m: m for m in masks["methods"]}}
+        header = f"Mask localisation (Table 4 shape) on {masks['model']} ({legend})"
+        if compare:
+            header += ("; the paper (TRACE.md §7 Table 4) reports only the order annotated spans > random 25% > "
+                       "all-token, inverted 25%: no numbers to compare")
         _write_table(ablation_table(evals, columns, masks["model"], rows).round(2), tables, "mask_localisation",
-                     f"Mask localisation (Table 4 shape) on {masks['model']} ({legend})")
+                     header)
+    mechanism = mechanism_table(curves).round(4).set_index(["model", "method"])
+    _write_table(mechanism, tables, "mechanism",
+                 "Mechanism measurements (trace/train/probe.py) on train.probe.steps: credit concentration = mean "
+                 "|Δ log π(y_t)| of one update inside the annotated spans / outside (Fig 6); log-prob lift = mean "
+                 "Δ log π(y_t) on key-span tokens the teacher supports (nats). first_step: the first probed step "
+                 "(step 0: every method updates from the same rollouts); mean: over probed steps and seeds. paper_*: "
+                 "TRACE.md §7 (Qwen3; its 'TRACE' compared with trace_fkl, '1.0–1.1' for the other methods), a "
+                 "reference, not a like-for-like target in the toy world")
+    maps_path = aggregate_dir / "credit_maps.csv"
+    maps = pd.read_csv(maps_path, keep_default_na=False) if maps_path.exists() else pd.DataFrame(columns=MAP_COLUMNS)
+    _credit_map_figure(plt, maps, main_runs, figures / "fig6_credit_map.png")
+    if compare:
+        numbers = figure_numbers(curves, paper, tier_runs).round(4).set_index("item")
+        numbers.to_csv(tables / "paper_figure_numbers.csv")
+        _write_markdown(numbers.astype(object).where(numbers.notna(), None), tables, "paper_figure_numbers",
+                        "The paper's figure and mechanism numbers (TRACE.md §7) beside ours. Ours: the first / last "
+                        "value of our EMA-smoothed curve as drawn (start / end; entropy: last; entropy ratio: last "
+                        "over GRPO's last; validation gap: last points, unsmoothed), mean over seeds; the paper's "
+                        "unnamed 'TRACE' is compared with trace_fkl; — where the aggregate has no such quantity",
+                        missingval="—")
 
-    main_panels = [("reward_mean", "training reward"), ("entropy", "per-token entropy (nats)"),
-                   ("response_length", "response length (tokens)")]
     main_figure_runs = {model: [m for m in main_runs if m != "base"] for model in sorted(curves["model"].unique())}
-    _curve_figure(plt, curves, main_figure_runs, main_panels, figures / "training_curves.png")
-    ablation_panels = [("reward_mean", "training reward"), ("entropy", "per-token entropy (nats)"),
-                       ("span_coverage", "routed-token coverage")]
+    _curve_figure(plt, curves, main_figure_runs, [TRAIN_REWARD, ENTROPY, LENGTH], figures / "training_curves.png")
+    # Fig. 1a: entropy vs step; Fig. 3: validation mean@k (and training reward) vs step, all methods
+    _curve_figure(plt, curves, main_figure_runs, [ENTROPY], figures / "fig1a_entropy.png")
+    _curve_figure(plt, curves, main_figure_runs, [VALIDATION, TRAIN_REWARD], figures / "validation_curves.png")
+    # Fig. 8: (a) length, (b) entropy, (c) SRPO actor vs its EMA teacher's entropy, (d) SRPO suppression weight
+    _curve_figure(plt, curves, main_figure_runs,
+                  [LENGTH, ENTROPY, Panel(("entropy", "teacher_entropy"), "SRPO: actor vs teacher entropy", ("srpo",)),
+                   Panel(("srpo_weight_raw_mean",), "SRPO weight mean exp(−β·H_teacher)", ("srpo",))],
+                  figures / "fig8_dynamics.png")
+    # Figs. 4 and 7: the ablations' validation curves, KL window shaded
+    ablation_panels = [TRAIN_REWARD, ENTROPY, Panel(("span_coverage",), "routed-token coverage"), VALIDATION]
     if tiers:
         runs = ["grpo", tiers["method"], *(f"{tiers['method']}@{tier}" for tier in tiers["tiers"])]
         _curve_figure(plt, curves, {tiers["model"]: runs}, ablation_panels, figures / "annotator_tiers.png")
@@ -130,31 +379,106 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
         _curve_figure(plt, curves, {masks["model"]: runs}, ablation_panels, figures / "mask_localisation.png")
 
 
-def _curve_figure(plt, curves: pd.DataFrame, runs_by_model: dict[str, list[str]], panels, path: Path) -> None:
+def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> None:
+    """Fig 6: one probed rollout, one row per method, each token coloured by its share of the row's
+    largest |Δ log π| and the annotated spans boxed. Drawn for the first model and the first probed
+    step, where every method updates from the same rollout."""
+    maps = maps[maps["method"].isin(runs)]
+    if maps.empty:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no credit map in the aggregate (train.probe.steps)", ha="center", va="center", color="0.5")
+        ax.axis("off")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    model = sorted(maps["model"].unique())[0]
+    maps = maps[(maps["model"] == model) & (maps["seed"] == maps["seed"].min())]
+    maps = maps[maps["step"] == maps["step"].min()]
+    methods = [m for m in runs if m in set(maps["method"])]
+    width = int(maps["position"].max()) + 1
+    fig, axes = plt.subplots(len(methods), 1, figsize=(max(6, 0.14 * width), 0.9 * len(methods) + 0.8),
+                             squeeze=False)
+    for ax, method in zip(axes[:, 0], methods):
+        row = maps[maps["method"] == method].sort_values("position")
+        credit = row["credit"].to_numpy(dtype=float)
+        ax.imshow((credit / max(credit.max(), 1e-12))[None, :], aspect="auto", cmap="Reds", vmin=0, vmax=1)
+        for start, stop in _runs_of_ones(row["span"].to_numpy(dtype=int)):
+            ax.add_patch(plt.Rectangle((start - 0.5, -0.5), stop - start, 1, fill=False, edgecolor="tab:blue", lw=1.5))
+        inside, outside = credit[row["span"] == 1].mean(), credit[row["span"] == 0].mean()
+        ax.set_yticks([0], [f"{method}\n{inside / outside:.1f}×" if outside > 0 else method], fontsize=7)
+        ax.set_xticks([])
+    per_method = [tuple(maps[maps["method"] == m].sort_values("position")["token"]) for m in methods]
+    if len(set(per_method)) == 1:  # the same rollout for every method (step 0): label its tokens
+        tokens = [str(t).replace("Ġ", "␣").replace("Ċ", "⏎") for t in per_method[0]]
+        axes[-1, 0].set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
+    axes[0, 0].set_title(f"{model}, step {int(maps['step'].min())}: per-token |Δ log π| of one update (row-normalised),"
+                         " annotated spans boxed; inside/outside ratio under each name", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _runs_of_ones(flags) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive 1s."""
+    padded = np.concatenate([[0], flags, [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+CI_NOTE = ("CI: a benchmark cell of one seed is its percentile bootstrap over problems; AVG and several-seed cells "
+           "use a normal CI from the bootstrap standard errors (evaluation sampling only)")
+
+
+def _write_markdown(table: pd.DataFrame, tables: Path, name: str, header: str, **tabulate) -> None:
+    (tables / f"{name}.md").write_text(header + "\n\n" + table.reset_index().to_markdown(index=False, **tabulate)
+                                       + "\n")
+
+
+def _curve_figure(plt, curves: pd.DataFrame, runs_by_model: dict[str, list[str]], panels: list[Panel],
+                  path: Path) -> None:
     """One row per model, one panel per metric, one line per run (EMA-smoothed as in Fig. 1a); the
-    annealed KL window (λ_k > 0) shaded as in Fig. 4."""
+    annealed KL window (λ_k > 0) shaded as in Fig. 4. A metric the aggregate lacks leaves its panel
+    empty, saying so."""
     models = list(runs_by_model) or ["(none)"]
     # one colour per run across all panels (a run without a metric must not shift the others' colours)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     names = list(dict.fromkeys(run for runs in runs_by_model.values() for run in runs))
     colors = {run: palette[i % len(palette)] for i, run in enumerate(names)}
+    styles = ["-", "--", ":"]
     fig, axes = plt.subplots(len(models), len(panels), figsize=(4 * len(panels), 3 * len(models)), squeeze=False)
     for r, model in enumerate(models):
         runs = curves[(curves["model"] == model) & curves["method"].isin(runs_by_model.get(model, []))]
         # the annealed KL window: λ > 0 in runs whose λ reaches 0 (SDPO/SRPO keep a constant λ)
         annealed = runs.groupby("method").filter(lambda g: g.sort_values("step")["lambda"].fillna(0).iloc[-1] == 0)
         kl_steps = annealed.loc[annealed["lambda"].fillna(0) > 0, "step"]
-        for c, (column, title) in enumerate(panels):
+        for c, panel in enumerate(panels):
             ax = axes[r][c]
             if len(kl_steps):
                 ax.axvspan(kl_steps.min(), kl_steps.max(), color="0.92", zorder=0)
+            drawn = 0
             for method, group in runs.groupby("method"):
-                mean = group.groupby("step")[column].mean().dropna()  # e.g. no coverage once λ = 0
-                if len(mean):
-                    ax.plot(mean.index, mean.ewm(alpha=0.15).mean(), label=method, color=colors[method])
-            ax.set_title(f"{model}: {title}", fontsize=9)
+                if panel.runs is not None and method not in panel.runs:
+                    continue
+                for column, style in zip(panel.columns, styles):
+                    if column not in group:
+                        continue
+                    mean = group.groupby("step")[column].mean().dropna()  # e.g. no coverage once λ = 0
+                    if not len(mean):
+                        continue
+                    label = method if len(panel.columns) == 1 else f"{method}: {column}"
+                    y, marker = (mean.ewm(alpha=1 - EMA).mean(), None) if panel.smooth else (mean, "o")
+                    ax.plot(mean.index, y, style, marker=marker, markersize=3, label=label, color=colors[method])
+                    if panel.band and set(panel.band) <= set(group):
+                        band = group.groupby("step")[list(panel.band)].mean().dropna()
+                        ax.fill_between(band.index, band[panel.band[0]], band[panel.band[1]], alpha=0.15,
+                                        color=colors[method], linewidth=0)
+                    drawn += 1
+            if not drawn:
+                ax.text(0.5, 0.5, "not in the aggregate", ha="center", va="center", transform=ax.transAxes,
+                        color="0.5")
+            ax.set_title(f"{model}: {panel.title}", fontsize=9)
             ax.set_xlabel("step")
-            if c == 0:
+            if drawn and (c == 0 or panel.runs is not None or len(panel.columns) > 1):
                 ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

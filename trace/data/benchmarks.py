@@ -53,7 +53,7 @@ GPQA_DIAMOND_MEMBER = "dataset/gpqa_diamond.csv"
 OPENTHOUGHTS_ID = "open-thoughts/OpenThoughts-114k"
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(ValueError):
     """A dataset could not be read (missing mirror file, hub unreachable, bad row count)."""
 
 
@@ -335,7 +335,9 @@ def prepare_eval_sets(mirror_dir: Path | None, out_dir: Path, names: Sequence[st
 # Training set
 # ---------------------------------------------------------------------------------------
 
-TRAIN_SOURCES = ("auto", "hub", "mirror")
+# real_data.train_source: what the config asks for; never silently replaced by another source.
+TRAIN_SOURCES = {"openthoughts": "OpenThoughts-114k math subset from the Hugging Face hub (the paper's)",
+                 "math_train": "Hendrycks MATH train from real_data.mirror_dir (offline; smoke runs)"}
 OPENTHOUGHTS_MAX_ROWS = 30_000  # spec §5: "up to 30K problem-solution pairs"
 
 
@@ -399,43 +401,54 @@ def _openthoughts_math_from_hub(limit: int, seed: int) -> list[dict]:
 
 
 def prepare_train_set(mirror_dir: Path | None, out_dir: Path, max_rows: int, val_rows: int, seed: int,
-                      source: str = "auto") -> dict:
+                      source: str) -> dict:
     """Write out_dir/train.jsonl and out_dir/val.jsonl (disjoint, seeded split) + manifest.
 
-    source: "hub" = OpenThoughts-114k math subset (spec §5), error if unreachable;
-            "mirror" = Hendrycks MATH train from the local mirror (offline);
-            "auto" = hub if reachable, else the mirror (with a warning).
+    source (real_data.train_source): "openthoughts" = OpenThoughts-114k math subset (spec §5) from
+    the hub, an error when the hub is unreachable; "math_train" = Hendrycks MATH train from the
+    mirror. The source used is written to the manifest (``train_source``) and the log; training
+    refuses data whose manifest names another source than its config asks for.
     """
     if source not in TRAIN_SOURCES:
-        raise ValueError(f"data.train_source must be one of {TRAIN_SOURCES}, got {source!r}")
+        raise ValueError(f"real_data.train_source must be one of {sorted(TRAIN_SOURCES)}, got {source!r}")
     if max_rows < 1 or val_rows < 0:
         raise ValueError(f"need max_rows >= 1 and val_rows >= 0, got {max_rows} and {val_rows}")
-    if source == "hub":
-        pool, used = _openthoughts_math_from_hub(min(OPENTHOUGHTS_MAX_ROWS, max_rows + val_rows), seed), "hub"
-    elif source == "mirror":
-        pool, used = _mirror_train_pool(mirror_dir), "mirror"
+    if source == "openthoughts":
+        pool = _openthoughts_math_from_hub(min(OPENTHOUGHTS_MAX_ROWS, max_rows + val_rows), seed)
+        origin = OPENTHOUGHTS_ID
     else:
-        try:
-            pool, used = _openthoughts_math_from_hub(min(OPENTHOUGHTS_MAX_ROWS, max_rows + val_rows), seed), "hub"
-        except DataSourceError as error:
-            log.warning("training data: falling back to Hendrycks MATH train from the mirror (%s)", error)
-            pool, used = _mirror_train_pool(mirror_dir), "mirror"
+        pool = _mirror_train_pool(mirror_dir)
+        origin = f"mirror:{mirror_dir}/train/MATH/train"
+    log.info("training data source: %s (%s) = %s", source, TRAIN_SOURCES[source], origin)
 
     pool = _dedupe_by_problem(pool)
     random.Random(seed).shuffle(pool)
     if len(pool) <= val_rows:
         raise DataSourceError(f"training pool has {len(pool)} problems, not enough for {val_rows} validation rows")
     val, train = pool[:val_rows], pool[val_rows:val_rows + max_rows]
-    origin = OPENTHOUGHTS_ID if used == "hub" else f"mirror:{mirror_dir}/train/MATH/train"
     out_dir = Path(out_dir)
-    entries = {name: {**write_jsonl(records, out_dir / name), "source": origin, "seed": seed}
+    entries = {name: {**write_jsonl(records, out_dir / name), "source": origin, "train_source": source, "seed": seed}
                for name, records in (("train.jsonl", train), ("val.jsonl", val))}
     return _update_manifest(out_dir, entries)
 
 
+def check_train_source(train_path: Path, expected: str) -> str:
+    """The training file's source from its manifest; an error if it is not the one the config asks for."""
+    manifest_path = Path(train_path).parent / "manifest.json"
+    if not manifest_path.exists():
+        raise DataSourceError(f"{manifest_path} is missing: cannot tell which source {train_path} came from "
+                              f"(rerun the train_data rule)")
+    entry = json.loads(manifest_path.read_text()).get("files", {}).get(Path(train_path).name, {})
+    used = entry.get("train_source")
+    if used != expected:
+        raise DataSourceError(f"{train_path} was prepared from train_source {used!r} ({entry.get('source')}), but "
+                              f"the config asks for real_data.train_source {expected!r}: rerun the train_data rule")
+    return entry.get("source", used)
+
+
 def _mirror_train_pool(mirror_dir: Path | None) -> list[dict]:
     if mirror_dir is None:
-        raise DataSourceError(f"no training data: the hub is unavailable and {MIRROR_KEY} is not set")
+        raise DataSourceError(f"real_data.train_source 'math_train' reads the local mirror, but {MIRROR_KEY} is null")
     return _math_train_from_mirror(Path(mirror_dir))
 
 

@@ -37,6 +37,17 @@ def _batch(examples: list[tuple[list[int], int]], pad_id: int):
     return input_ids, attention, labels
 
 
+def completion_loss(model, input_ids, attention, labels) -> torch.Tensor:
+    """Mean cross-entropy of the completion tokens, projecting ONLY their positions onto the
+    vocabulary: with Qwen3's 151,936-entry vocabulary the full [B, T, V] logits of the prompt
+    positions would cost most of the step for nothing."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -58,7 +69,7 @@ def run_sft(model, tokenizer, records: list[dict], out_dir: Path, *, steps: int,
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup)
         input_ids, attention, labels = _batch(rng.sample(examples, batch_size), tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss = completion_loss(model, input_ids, attention, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -9,10 +9,13 @@ Read ``train_step`` top to bottom; each paper concept is one named thing:
   schedule  -> trace.schedule.LambdaSchedule (λ_k, ρ_k, when the teacher can be switched off)
   corner    -> trace.router.CORNERS (μ_E, μ_K)
   loss      -> trace.losses.trace_objective (Eq. 1) and the baselines' objectives
+  validation -> Trainer.validate: mean@k on a held-out split every ``validation.every`` steps
+  mechanism probe -> trace.train.probe (Fig 6 credit concentration, one-step log-prob lift)
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -27,11 +30,13 @@ from tqdm import tqdm
 from trace import losses
 from trace.annotate.backends import AnnotationRequest
 from trace.annotate.offsets import completion_text_and_offsets
+from trace.evaluation.metrics import avg_at_k, bootstrap_ci, per_problem_accuracy
 from trace.methods import MethodSpec, get_method
 from trace.prompting import render_prompt
 from trace.router import CORNERS, RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
+from trace.train.probe import probe_after_update, probe_before_update
 from trace.train.rollout import HFRolloutEngine, RolloutBatch
 from trace.train.teacher import Teacher, teacher_prompt
 from trace.verify import grade_many
@@ -49,6 +54,8 @@ class RunDir:
         self.live_metrics = self.work / "metrics.jsonl"
         self.model = self.root / "model"
         self.metrics = self.root / "metrics.jsonl"
+        self.best = self.work / "best"  # validation.select best: the best-on-validation policy so far
+        self.last = self.work / "last"  # validation.select best: the last policy (model/ holds the best)
 
     @property
     def trainer_state(self) -> Path:
@@ -70,16 +77,16 @@ class RunDir:
                              f"delete {self.work} to train this run from step 0") from None
 
 
-def load_records(path: Path) -> list[dict]:
+def load_records(path: Path, what: str = "training data") -> list[dict]:
     if not Path(path).exists():
-        raise FileNotFoundError(f"training data {path} does not exist (run the data rule first)")
+        raise FileNotFoundError(f"{what} {path} does not exist (run the data rule first)")
     records = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"training data {path} line {number} is not valid JSON ({exc.msg} at column "
+                raise ValueError(f"{what} {path} line {number} is not valid JSON ({exc.msg} at column "
                                  f"{exc.colno}; a truncated file?): rerun the data rule that writes it") from None
     return records
 
@@ -92,8 +99,12 @@ def require_model_folder(path: Path, what: str) -> None:
                                 "or fix the path")
 
 
+VALIDATION_DEFAULTS = {"every": 0, "n_problems": None, "k": 4, "sampling": {}, "select": "last"}
+
+
 class Trainer:
-    def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None):
+    def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None,
+                 val_path: Path | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         require_model_folder(base_model, "base model (--base)")
@@ -123,14 +134,20 @@ class Trainer:
             source = (AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
                       if self.method.teacher == "frozen" else self.policy)
             self.teacher = Teacher(source, self.method.teacher, kl["teacher_sync_every"], kl["ema_rate"])
-        if self.method.needs_annotation and self.teacher is not None and annotator is None:
-            # the configured tier (train.annotator), built here: the self tier annotates with the live policy
+        # mechanism probe steps (train.probe.steps): the same for every method, annotated for every method
+        self.probe_steps = {s for s in (cfg.get("probe") or {}).get("steps", []) if s >= self.start_step}
+        if annotator is None and ((self.method.needs_annotation and self.teacher is not None) or self.probe_steps):
+            # the configured tier (train.annotator), built here: the self tier annotates with the live policy;
+            # methods that route without spans get the tier TRACE would use, for the probe only
             from trace.annotate.setup import annotator_for
 
-            annotator = annotator_for(cfg, base_model, policy=self.policy, tokenizer=self.tokenizer)
+            as_trace = cfg if self.method.needs_annotation else {**cfg, "method": "trace_fkl"}
+            annotator = annotator_for(as_trace, base_model, policy=self.policy, tokenizer=self.tokenizer)
             if annotator is None:
                 raise ValueError(f"method {cfg['method']!r} routes on annotated spans: configure an annotator")
         self.annotator = annotator
+        self.val_settings, self.val_records = validation_setup(cfg.get("validation") or {}, val_path)
+        self.val_best = self._best_so_far()
         if self.start_step > 0:
             self._load_trainer_state()
 
@@ -170,6 +187,52 @@ class Trainer:
                     "fingerprint": self.fingerprint}, tmp / "trainer_state.pt")
         shutil.rmtree(self.run.checkpoint, ignore_errors=True)
         tmp.rename(self.run.checkpoint)
+
+    # ------------------------------------------------------------------ validation (Figs 3/4/7)
+    def validation_due(self, step: int) -> bool:
+        every = self.val_settings["every"]
+        return bool(self.val_records) and ((step + 1) % every == 0 or step + 1 == self.cfg["steps"])
+
+    @torch.no_grad()
+    def validate(self, step: int) -> dict:
+        """mean@k of the policy after step ``step``'s update on the first n validation problems:
+        k samples per problem from the rollout engine, graded by the training reward's grader."""
+        started, k = time.time(), self.val_settings["k"]
+        engine = copy.copy(self.engine)  # the training engine; its sampling with validation's overrides
+        engine.sampling = {**self.cfg["sampling"], **self.val_settings["sampling"]}
+        torch.manual_seed(self.cfg["seed"] * 1_000_003 + 500_000 + step)  # a stream apart from training's
+        correct: list[list[bool]] = []
+        for start in range(0, len(self.val_records), self.cfg["batch_prompts"]):
+            chunk = self.val_records[start:start + self.cfg["batch_prompts"]]
+            texts = engine.generate(self.policy, [render_prompt(self.tokenizer, r, self.cfg["thinking"])
+                                                  for r in chunk], k).texts
+            grades = grade_many(texts, [r["answer"] for r in chunk for _ in range(k)],
+                                [r.get("kind", "math") for r in chunk for _ in range(k)])
+            correct += [grades[i * k:(i + 1) * k] for i in range(len(chunk))]
+        low, high = bootstrap_ci(per_problem_accuracy(correct))
+        return {"val/mean_at_k": avg_at_k(correct), "val/ci95_low": low, "val/ci95_high": high, "val/k": k,
+                "val/n_problems": len(correct), "val_s": round(time.time() - started, 3)}
+
+    def _best_so_far(self) -> dict | None:
+        """The best validated policy of THIS run (a fresh start forgets an earlier attempt's)."""
+        if self.start_step == 0:
+            shutil.rmtree(self.run.best, ignore_errors=True)
+        info = self.run.best / "validation.json"
+        return json.loads(info.read_text()) if info.exists() else None
+
+    def _keep_if_best(self, step: int, row: dict) -> None:
+        """validation.select best: save the policy when its score beats every earlier one (ties keep
+        the earlier step), atomically like the checkpoint."""
+        if self.val_best is not None and row["val/mean_at_k"] <= self.val_best["val/mean_at_k"]:
+            return
+        self.val_best = {"step": step, "val/mean_at_k": row["val/mean_at_k"]}
+        tmp = self.run.work / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / "validation.json").write_text(json.dumps(self.val_best) + "\n")
+        shutil.rmtree(self.run.best, ignore_errors=True)
+        tmp.rename(self.run.best)
 
     # ------------------------------------------------------------------ one step
     def sample_prompts(self, step: int) -> list[dict]:
@@ -244,6 +307,14 @@ class Trainer:
         if teacher_on:
             self.teacher.update(self.policy, step)
 
+        # (probe steps only: annotate and score the rollouts before the update; TRACE.md §7 mechanisms)
+        probe = None
+        if step in self.probe_steps:
+            if self.annotator is None:
+                log.warning("probe step %d skipped: the annotator was freed when λ reached 0", step)
+            else:
+                probe = probe_before_update(self, records, rollouts, correct)
+
         # 4. span annotation + router: which tokens get a KL channel
         routed, label_prefixes, annotation_stats = (self.route(step, records, rollouts, correct) if teacher_on
                                                     else (None, None, {}))
@@ -296,6 +367,8 @@ class Trainer:
             row["srpo_weight_raw_mean"] = float(srpo_weight_mean)
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
+        if probe is not None:
+            row.update(probe_after_update(self, rollouts, probe))
         return row
 
     def aggregation(self, mask: torch.Tensor) -> tuple[dict, dict]:
@@ -416,6 +489,11 @@ class Trainer:
             for step in tqdm(steps, desc=f"{cfg['method']} seed{cfg['seed']}", initial=self.start_step,
                              total=cfg["steps"], mininterval=10):
                 row = self.train_step(step)
+                if self.validation_due(step):
+                    row.update(self.validate(step))
+                    log.info("step %d val mean@%d %.4f", step, row["val/k"], row["val/mean_at_k"])
+                    if self.val_settings["select"] == "best":
+                        self._keep_if_best(step, row)
                 live.write(json.dumps(row) + "\n")
                 live.flush()
                 log.info("step %d reward %.3f entropy %.3f len %.1f λ %.3f (%.1fs)", step, row["reward_mean"],
@@ -423,10 +501,49 @@ class Trainer:
                 # the final step too: raising train.steps later continues from here, repeating nothing
                 if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"]:
                     self._save_checkpoint(step + 1)
-        self.policy.save_pretrained(self.run.model)
-        self.tokenizer.save_pretrained(self.run.model)
+        self._save_output_model()
         shutil.copyfile(self.run.live_metrics, self.run.metrics)
         return self.run.model
+
+    def _save_output_model(self) -> None:
+        """model/ = the last policy, or (validation.select best) the best-on-validation one, with the
+        last kept in work/last."""
+        if self.val_settings["select"] != "best":
+            self.policy.save_pretrained(self.run.model)
+            self.tokenizer.save_pretrained(self.run.model)
+            return
+        shutil.rmtree(self.run.last, ignore_errors=True)
+        self.policy.save_pretrained(self.run.last)
+        self.tokenizer.save_pretrained(self.run.last)
+        shutil.rmtree(self.run.model, ignore_errors=True)
+        shutil.copytree(self.run.best, self.run.model)
+        log.info("model/ = the best-on-validation policy: %s", self.val_best)
+
+
+def validation_setup(settings: dict, val_path: Path | None) -> tuple[dict, list[dict]]:
+    """train.validation merged over its defaults, and the first n_problems validation records
+    (none when validation is off or no file was given)."""
+    unknown = set(settings) - set(VALIDATION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"train.validation: unknown keys {sorted(unknown)}; known: {sorted(VALIDATION_DEFAULTS)}")
+    settings = {**VALIDATION_DEFAULTS, **settings}
+    if settings["select"] not in ("last", "best"):
+        raise ValueError(f"train.validation.select must be 'last' or 'best', got {settings['select']!r}")
+    if settings["every"] < 0 or settings["k"] < 1:
+        raise ValueError(f"train.validation: need every >= 0 and k >= 1, got {settings['every']} and {settings['k']}")
+    if settings["every"] == 0 or val_path is None:
+        if settings["select"] == "best":
+            raise ValueError("train.validation.select is 'best' but validation is off "
+                             f"({'no --val-data file' if val_path is None else 'every: 0'})")
+        if settings["every"] > 0:
+            log.warning("train.validation.every is %d but no --val-data file was given: no validation",
+                        settings["every"])
+        return settings, []
+    records = [r for r in load_records(val_path, "validation data") if r.get("answer") not in (None, "")]
+    records = records[:settings["n_problems"]] if settings["n_problems"] else records
+    if not records:
+        raise ValueError(f"validation file {val_path} has no problems with an answer")
+    return settings, records
 
 
 @contextlib.contextmanager

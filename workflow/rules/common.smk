@@ -1,12 +1,28 @@
 # Names of things in the study grid. A run is (model, run name, seed); a run name is a method
 # (trace/methods.py) or, for the annotator-tier ablation, '<method>@<tier>'.
 MODELS = list(config["models"])
+ANNOTATOR_MODELS = dict(config.get("annotator_models") or {})
 METHODS = list(config["methods"])
 SEEDS = list(config["seeds"])
 BENCHMARKS = list(config["eval"]["benchmarks"])
 ABLATIONS = config.get("ablations") or {}
 TIER_RUNS = ABLATIONS.get("annotator_tiers") or {}
 MASK_RUNS = ABLATIONS.get("mask_localisation") or {}
+
+# One data convention for every study: the files each rule reads are where the data rules write them.
+if STUDY == "toy":
+    DATA_DIR = "results/data/toy"
+    TRAIN_DATA, VAL_DATA = f"{DATA_DIR}/train.jsonl", f"{DATA_DIR}/val.jsonl"
+else:
+    DATA_DIR = "results/data/real"
+    TRAIN_DATA, VAL_DATA = f"{DATA_DIR}/train/train.jsonl", f"{DATA_DIR}/train/val.jsonl"
+    _missing = [b for b in BENCHMARKS if b not in config["real_data"]["eval_sets"]]
+    if _missing:
+        raise WorkflowError(f"config error: eval.benchmarks {_missing} are not prepared: add them to real_data.eval_sets")
+
+
+def benchmark_file(benchmark):
+    return f"{DATA_DIR}/{benchmark}.jsonl"
 
 
 def runs_of(model):
@@ -51,10 +67,6 @@ def policy_dir(wildcards):
         return f"results/base/{wildcards.model}"
     run, seed = wildcards.policy.rsplit("-seed", 1)
     return f"results/train/{wildcards.model}/{run}/seed{seed}/model"
-
-
-def benchmark_data(wildcards):
-    return f"results/data/{config['study']}/{wildcards.benchmark}.jsonl"
 
 
 wildcard_constraints:

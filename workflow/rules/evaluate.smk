@@ -1,24 +1,34 @@
+def evaluation_settings():
+    ev = config["eval"]
+    settings = {"k": ev["k"], "backend": ev["backend"], "batch_size": ev["batch_size"], "limit": ev["limit"],
+                "thinking": config["thinking"], "seed": 0,
+                "gen": {key: ev[key] for key in ("temperature", "top_p", "top_k", "max_new_tokens")},
+                "device": ev.get("device", "cpu"), "dtype": ev.get("dtype", "float32"),
+                "tensor_parallel_size": ev.get("tensor_parallel_size", 1)}
+    if ev["backend"] == "vllm":
+        settings["model_options"] = {key: ev[key] for key in ("max_model_len", "gpu_memory_utilization")
+                                     if ev.get(key) is not None}
+    return settings
+
+
 rule evaluate:
-    """lm-eval on one (model, policy, benchmark): avg@k, pass@k, bootstrap CI + per-sample log."""
+    """lm-eval on one policy, all benchmarks in ONE call (the model loads once): avg@k, pass@k,
+    bootstrap CI + per-sample log per benchmark."""
     input:
         model=policy_dir,
-        data=benchmark_data,
+        data=[benchmark_file(benchmark) for benchmark in BENCHMARKS],
     output:
-        result="results/eval/{model}/{policy}/{benchmark}.json",
-        samples="results/eval/{model}/{policy}/{benchmark}.samples.jsonl",
+        [f"results/eval/{{model}}/{{policy}}/{benchmark}.json" for benchmark in BENCHMARKS],
     params:
-        cfg=lambda wc: as_arg({
-            "k": config["eval"]["k"], "backend": config["eval"]["backend"],
-            "batch_size": config["eval"]["batch_size"], "limit": config["eval"]["limit"],
-            "thinking": config["thinking"], "seed": 0,
-            "gen": {key: config["eval"][key] for key in ("temperature", "top_p", "top_k", "max_new_tokens")},
-        }),
+        cfg=as_arg(evaluation_settings()),
+        data=" ".join(f"{benchmark}={benchmark_file(benchmark)}" for benchmark in BENCHMARKS),
+        out_dir="results/eval/{model}/{policy}",
     threads: 1
     resources:
         gpu=lambda wc: 1 if config["eval"]["backend"] == "vllm" else 0,
         runtime=12 * 60,
     log:
-        "logs/evaluate/{model}/{policy}/{benchmark}.log",
+        "logs/evaluate/{model}/{policy}.log",
     shell:
-        "{PYTHON} -m trace evaluate --cfg {params.cfg} --model {input.model} --benchmark {wildcards.benchmark}"
-        " --data {input.data} --out {output.result} > {log} 2>&1"
+        "{PYTHON} -m trace evaluate --cfg {params.cfg} --model {input.model} --data {params.data}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

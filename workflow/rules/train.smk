@@ -1,7 +1,10 @@
 def train_settings(wildcards):
     method, annotator = method_and_annotator(wildcards.method)
-    return as_arg({**config["train"], "method": method, "annotator": annotator, "seed": int(wildcards.seed),
-                   "thinking": config["thinking"]})
+    settings = {**config["train"], "method": method, "annotator": annotator, "seed": int(wildcards.seed),
+                "thinking": config["thinking"]}
+    if STUDY != "toy":  # trained only on the data source the config asks for (checked against the manifest)
+        settings["train_source"] = config["real_data"]["train_source"]
+    return as_arg(settings)
 
 
 def annotator_model(wildcards):
@@ -14,7 +17,8 @@ rule train:
     """One RL run (GRPO, TRACE or a baseline; '<method>@<tier>' = an annotator-tier ablation). Resumes from results/train/.../work/checkpoint."""
     input:
         base="results/base/{model}",
-        data=f"results/data/{config['study']}/train.jsonl",
+        data=TRAIN_DATA,
+        val_data=VAL_DATA,
         annotator_model=annotator_model,
     output:
         model=directory("results/train/{model}/{method}/seed{seed}/model"),
@@ -30,4 +34,4 @@ rule train:
         "logs/train/{model}/{method}/seed{seed}.log",
     shell:
         "{PYTHON} -m trace train --cfg {params.cfg} --base {input.base} --train-data {input.data}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        " --val-data {input.val_data} --run-dir {params.run_dir} > {log} 2>&1"

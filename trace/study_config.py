@@ -1,0 +1,151 @@
+"""Which study the DAG runs, and its config checked key by key before any job starts.
+
+A *study file* is a complete study: it has a top-level ``study:`` key (``config.yaml`` = the toy
+study, ``workflow/configs/paper.yaml`` = the paper's, ``workflow/configs/paper_smoke.yaml`` = its
+CPU smoke). Any other config file or ``--config`` item is an *override* layered over a study:
+
+    snakemake --cores 2                                         # config.yaml (toy)
+    snakemake --configfile workflow/configs/paper.yaml          # the paper study, nothing of the toy
+    snakemake --configfile workflow/configs/skeleton.yaml       # toy study + overrides
+    snakemake --configfile workflow/configs/paper.yaml --configfile mine.yaml --config seeds=[0,1]
+
+Layers merge dict by dict (a nested key replaces only itself; ``null`` switches a section off).
+Every key is validated against ``workflow/schemas/config.schema.yaml``; an error is one line that
+names the key, the offending value and the file (or ``--config``) that set it.
+
+Self-contained (stdlib + yaml + jsonschema): the Snakefile loads this file by path, because the
+package name ``trace`` is also a stdlib module that Snakemake's interpreter may have imported.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+DEFAULT_STUDY_FILE = "config.yaml"
+
+
+class StudyConfigError(ValueError):
+    """A config problem, as one line naming the key and where its value came from."""
+
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """``override`` over ``base``: nested dicts merge key by key, everything else replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise StudyConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise StudyConfigError(f"config file {path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise StudyConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+class Study:
+    """The merged config plus, for every key, the layer (file or '--config') that set it."""
+
+    def __init__(self, layers: Sequence[tuple[str, Mapping]]):
+        self.layers = [(name, dict(values)) for name, values in layers]
+        self.config: dict = {}
+        for _, values in self.layers:
+            self.config = deep_merge(self.config, values)
+
+    def source_of(self, path: Sequence[Any]) -> str:
+        """The last layer that sets ``path`` (or one of its parents: a replaced section)."""
+        for name, values in reversed(self.layers):
+            node: Any = values
+            for depth, key in enumerate(path):
+                if not isinstance(node, Mapping) or key not in node:
+                    break
+                node = node[key]
+                if depth == len(path) - 1 or not isinstance(node, Mapping):
+                    return name
+        return self.layers[0][0] if self.layers else "config"
+
+
+def load_study(repo: Path, configfiles: Sequence[str | Path], cli_config: Mapping | None) -> Study:
+    """The study file (config.yaml unless a --configfile is a complete study) + the overrides."""
+    files = [(str(path), read_yaml(Path(path))) for path in configfiles]
+    cli = dict(cli_config or {})
+    layers: list[tuple[str, Mapping]] = []
+    if not any("study" in values for _, values in files) and "study" not in cli:
+        default = Path(repo) / DEFAULT_STUDY_FILE
+        layers.append((DEFAULT_STUDY_FILE, read_yaml(default)))
+    layers += files
+    if cli:
+        layers.append(("--config", cli))
+    return Study(layers)
+
+
+def _key(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def validate(study: Study, schema_path: Path) -> dict:
+    """Raise StudyConfigError (one line) for the first problem, in document order; return the config."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(study.config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        error = _most_specific(errors[0])
+        path = list(error.absolute_path)
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            known = sorted(error.schema.get("properties", {}))
+            key = _key(path + unknown[:1])
+            raise StudyConfigError(f"config key {key} (from {study.source_of(path + unknown[:1])}): unknown key; "
+                                   f"known keys here: {', '.join(known)}")
+        if error.validator == "required":
+            raise StudyConfigError(f"config key {_key(path)} (from {study.source_of(path)}): {error.message}")
+        value = repr(error.instance) if not isinstance(error.instance, dict) else "{…}"
+        value = value if len(value) <= 80 else value[:77] + "…"
+        raise StudyConfigError(f"config key {_key(path)} = {value} (from {study.source_of(path)}): "
+                               f"{_short(error)}")
+    _check_cross_references(study)
+    return study.config
+
+
+def _most_specific(error):
+    """For oneOf/anyOf/if-then failures, the deepest sub-error says what is actually wrong."""
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    return error
+
+
+def _short(error) -> str:
+    if error.validator == "enum":
+        return f"must be one of {', '.join(map(str, error.validator_value))}"
+    return error.message
+
+
+def _check_cross_references(study: Study) -> None:
+    """What a schema cannot say: names that must refer to other parts of the study."""
+    config = study.config
+    models = set(config.get("models") or {})
+    for name, section in (config.get("ablations") or {}).items():
+        if section and section.get("model") not in models:
+            path = ["ablations", name, "model"]
+            raise StudyConfigError(f"config key {_key(path)} = {section.get('model')!r} (from "
+                                   f"{study.source_of(path)}): not one of the study's models ({', '.join(sorted(models))})")
+    if config.get("study") == "paper" and "toy" in config:
+        raise StudyConfigError(f"config key toy (from {study.source_of(['toy'])}): the paper study has no toy "
+                               f"world; remove the key (did an override file add it?)")

@@ -1,0 +1,113 @@
+"""The paper's mechanism measurements (TRACE.md §7: Fig 6 and the one-step log-prob lift), taken
+by the training loop on the same steps (``train.probe.steps``) for every method.
+
+At a probe step the step's own rollouts are annotated by the configured annotator (for every
+method, so GRPO and the all-token baselines are measured against the same kind of spans), and the
+step's optimizer update is measured per completion token:
+
+  credit_t      = |log π_θ'(y_t) − log π_θ(y_t)|   the per-token update magnitude of one step
+  concentration = mean credit inside the annotated spans (K ∪ E, α-capped) / mean credit outside
+  lift          = mean of log π_θ'(y_t) − log π_θ(y_t) over *teacher-supported key tokens*: positions
+                  in key spans where the teacher gives the sampled token more probability than the
+                  student, q(y_t) > p(y_t); the teacher is TRACE's (the current policy given the
+                  annotator's diagnostic label), the same for every method.
+
+(The spec gives the paper's numbers, not its exact estimators: these definitions are ours.)
+Nothing here draws random numbers, so probing leaves the training trajectory unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from trace.losses import tokens_from_positions
+from trace.router import build_routed_masks
+from trace.train.logprobs import completion_hidden_states, gather_logprobs
+from trace.train.teacher import teacher_prompt
+
+
+@dataclasses.dataclass
+class ProbeState:
+    """What the probe knows before the update: the rollouts' token log-probs and the masks."""
+    logp_before: torch.Tensor   # [B, T]
+    mask: torch.Tensor          # [B, T] completion tokens
+    spans: torch.Tensor         # [B, T] annotated K ∪ E after the α cap
+    supported_key: torch.Tensor  # [B, T] key-span tokens with q(y_t) > p(y_t)
+    map_row: int | None         # the rollout drawn as Fig 6's credit map (first one with a span)
+
+
+@torch.no_grad()
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float,
+                   chunk: int) -> torch.Tensor:
+    """log π(y_t) of the given completions under ``model``, [B, T] (zeros at padding)."""
+    mask = completion_mask.bool()
+    hidden = completion_hidden_states(model, torch.cat([prompt_ids, completion_ids], dim=1),
+                                      torch.cat([prompt_mask, completion_mask], dim=1), prompt_ids.shape[1])
+    logp, _ = gather_logprobs(hidden[mask], model.get_output_embeddings().weight, completion_ids[mask],
+                              temperature, chunk)
+    return tokens_from_positions(logp, mask)
+
+
+def _masked_mean(values: torch.Tensor, where: torch.Tensor) -> float | None:
+    """None (JSON null) when no token is selected, e.g. a step without annotated key spans."""
+    return float(values[where].mean()) if where.any() else None
+
+
+def _micro_batches(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _batched_logprobs(model, tokenizer, prompts, rollouts, temperature, chunk, micro) -> torch.Tensor:
+    """token_logprobs over micro-batches; ``prompts`` None = the student's own prompts."""
+    out = []
+    for rows in _micro_batches(len(rollouts.texts), micro):
+        if prompts is None:
+            prompt_ids, prompt_mask = rollouts.prompt_ids[rows], rollouts.prompt_mask[rows]
+        else:
+            enc = tokenizer(prompts[rows], return_tensors="pt", padding=True, add_special_tokens=False,
+                            padding_side="left").to(rollouts.completion_ids.device)
+            prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+        out.append(token_logprobs(model, prompt_ids, prompt_mask, rollouts.completion_ids[rows],
+                                  rollouts.completion_mask[rows], temperature, chunk))
+    return torch.cat(out)
+
+
+def probe_before_update(trainer, records: list[dict], rollouts, correct: torch.Tensor) -> ProbeState:
+    """Annotate the step's rollouts and score them under the student and TRACE's teacher (no grad)."""
+    cfg = trainer.cfg
+    temperature, chunk, micro = cfg["sampling"]["temperature"], cfg["logprob_chunk"], cfg["micro_batch_size"]
+    key, error, prefixes, _ = trainer.annotate(records, rollouts, correct)  # trainer.probe_annotator's spans
+    mask = rollouts.completion_mask.bool()
+    capped = build_routed_masks("annotated", mask.cpu(), correct.cpu(), key.cpu(), error.cpu(), cfg["kl"]["alpha"])
+    spans = (capped.key | capped.error).to(mask.device)
+    student = _batched_logprobs(trainer.policy, trainer.tokenizer, None, rollouts, temperature, chunk, micro)
+    teacher_prompts = [teacher_prompt(trainer.tokenizer, r, "label", p, cfg["thinking"])
+                       for r, p in zip(records, prefixes)]
+    teacher = _batched_logprobs(trainer.policy, trainer.tokenizer, teacher_prompts, rollouts, temperature, chunk,
+                                micro)
+    supported = capped.key.to(mask.device) & (teacher > student)
+    with_span = spans.any(dim=1).nonzero()
+    return ProbeState(student, mask, spans, supported, int(with_span[0]) if len(with_span) else None)
+
+
+def probe_after_update(trainer, rollouts, state: ProbeState) -> dict:
+    """The step's metrics row entries (``probe/*``) and one rollout's credit map for Fig 6."""
+    cfg = trainer.cfg
+    after = _batched_logprobs(trainer.policy, trainer.tokenizer, None, rollouts, cfg["sampling"]["temperature"],
+                              cfg["logprob_chunk"], cfg["micro_batch_size"])
+    change = (after - state.logp_before).float()
+    credit = change.abs()
+    inside, outside = state.spans & state.mask, ~state.spans & state.mask
+    row = {"probe/credit_inside": _masked_mean(credit, inside), "probe/credit_outside": _masked_mean(credit, outside),
+           "probe/logprob_lift_key_supported": _masked_mean(change, state.supported_key),
+           "probe/tokens_key_supported": float(state.supported_key.sum()), "probe/tokens_span": float(inside.sum())}
+    if row["probe/credit_inside"] is not None and row["probe/credit_outside"]:
+        row["probe/credit_concentration"] = row["probe/credit_inside"] / row["probe/credit_outside"]
+    if state.map_row is not None:
+        i, length = state.map_row, int(state.mask[state.map_row].sum())
+        ids = rollouts.completion_ids[i, :length].tolist()
+        row["probe/map"] = {"rollout": i, "tokens": trainer.tokenizer.convert_ids_to_tokens(ids),
+                            "credit": [round(float(c), 6) for c in credit[i, :length]],
+                            "span": [int(s) for s in state.spans[i, :length]]}
+    return row
