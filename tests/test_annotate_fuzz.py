@@ -146,3 +146,6 @@ def test_budget_does_not_reject_a_normal_reply_with_prose_and_fences():
              '{"key_spans": [[2, 3]], "label": "key_insight"}\n```\n' + "{stray brace " * 50)
     result = parse_annotation(reply, 6, True)
     assert result.status == ParseStatus.REPAIRED and result.spans == ((1, 2),) and result.label == "key_insight"
+    long_prose = "Segment 2 is where the idea appears; {it} holds. " * 3500 + '{"key_spans": [[2, 2]], "label": "key_insight"}'
+    assert len(long_prose) > 150_000
+    assert parse_annotation(long_prose, 6, True).spans == ((1, 1),)

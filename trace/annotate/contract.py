@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import collections
 import difflib
 import enum
 import json
@@ -258,8 +259,8 @@ def _failed(reason: str, repairs: Sequence[str] = ()) -> ParseResult:
 
 
 MAX_REPLY_CHARS = 200_000   # longer replies are rejected rather than scanned
-MAX_JSON_CANDIDATES = 64    # bounds the work spent on replies full of stray braces ...
-REPLY_BUDGET = 500_000      # ... and all scanning + loading of one reply together (see _Budget)
+MAX_JSON_CANDIDATES = 64    # the LAST this many {...} candidates are tried (bounds replies full of stray braces) ...
+REPLY_BUDGET = 300_000      # ... and all scanning + loading of one reply together (see _Budget)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 _JSON_LITERALS = {"true": "True", "false": "False", "null": "None"}
 _INT_TEXT = re.compile(r"[+-]?\d{1,9}")
@@ -325,9 +326,10 @@ def _fenced_blocks(text: str) -> list[str]:
 def _balanced_objects(text: str, budget: _Budget) -> list[str]:
     """Top-level ``{...}`` substrings, respecting quoted strings ('...' or "..."); an unclosed
     brace is skipped so that a stray '{' in prose does not swallow the real object after it.
-    Each character scanned (also on a rescan after an unclosed brace) costs one budget unit."""
-    found, i = [], text.find("{")
-    while i != -1 and len(found) < MAX_JSON_CANDIDATES:
+    Each character scanned (also on a rescan after an unclosed brace) costs one budget unit; only the
+    last MAX_JSON_CANDIDATES objects are kept (a model that drafts and corrects itself ends with its answer)."""
+    found, i = collections.deque(maxlen=MAX_JSON_CANDIDATES), text.find("{")
+    while i != -1:
         depth, quote, j, end = 0, None, i, None
         while j < len(text):
             if quote:   # jump to the closing quote, honouring backslash escapes
@@ -369,7 +371,7 @@ def _balanced_objects(text: str, budget: _Budget) -> list[str]:
             i = text.find("{", end + 1)
         else:
             i = text.find("{", i + 1)
-    return found
+    return list(found)
 
 
 def _load_literal(candidate: str, budget: _Budget) -> tuple[Any, str | None]:
