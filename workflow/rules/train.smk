@@ -1,6 +1,13 @@
+launch = _load_by_path("trace_launch", "trace/launch.py")
+TRAIN_LAUNCHER = launch.train_launcher(config["train"], PYTHON)  # python | torchrun | srun + torchrun
+TRAIN_RESOURCES = launch.train_resources(config["train"])
+
+
 def train_settings(wildcards):
     method, annotator = method_and_annotator(wildcards.method)
-    settings = {**config["train"], "method": method, "annotator": annotator, "seed": int(wildcards.seed),
+    # `parallel` only shapes the launch (it may change between attempts without rerunning a run)
+    train = {key: value for key, value in config["train"].items() if key != "parallel"}
+    settings = {**train, "method": method, "annotator": annotator, "seed": int(wildcards.seed),
                 "thinking": config["thinking"]}
     if STUDY != "toy":  # trained only on the data source the config asks for (checked against the manifest)
         settings["train_source"] = config["real_data"]["train_source"]
@@ -28,10 +35,9 @@ rule train:
         run_dir="results/train/{model}/{method}/seed{seed}",
     threads: 1
     resources:
-        gpu=lambda wc: 1 if config["train"]["device"] == "cuda" else 0,
-        runtime=24 * 60,
+        **TRAIN_RESOURCES,
     log:
         "logs/train/{model}/{method}/seed{seed}.log",
     shell:
-        "{PYTHON} -m trace train --cfg {params.cfg} --base {input.base} --train-data {input.data}"
+        "{TRAIN_LAUNCHER} -m trace train --cfg {params.cfg} --base {input.base} --train-data {input.data}"
         " --val-data {input.val_data} --run-dir {params.run_dir} > {log} 2>&1"
