@@ -27,8 +27,7 @@ rule train:
         run_dir="results/train/{model}/{method}/seed{seed}",
     threads: 1
     resources:
-        gpu=lambda wc: 1 if config["train"]["device"] == "cuda" else 0,
-        runtime=24 * 60,
+        **study_config.job_resources(config, "train", REPO),
     log:
         "logs/train/{model}/{method}/seed{seed}.log",
     shell:
