@@ -162,9 +162,9 @@ def test_paper_dry_run_requests_gpus_for_train_and_evaluate_only(home, tmp_path)
                             env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     requests = dry_run_requests(result.stdout + result.stderr)
-    assert {rule: len(lines) for rule, lines in requests.items()} == {
-        "base_model": 1, "benchmark_data": 1, "train_data": 1, "train": 1, "evaluate": 1}, requests
-    fields = {rule: dict(item.split("=", 1) for item in lines.pop().split(", ")) for rule, lines in requests.items()}
+    wired = ["base_model", "benchmark_data", "train_data", "train", "evaluate"]  # rules passing job_resources
+    assert all(len(requests[rule]) == 1 for rule in wired), requests  # every job of a rule asks the same
+    fields = {rule: dict(item.split("=", 1) for item in requests[rule].pop().split(", ")) for rule in wired}
     assert {rule: (f["slurm_partition"], f.get("gpu")) for rule, f in fields.items()} == {
         "base_model": ("cpu", None), "benchmark_data": ("cpu", None), "train_data": ("cpu", None),
         "train": ("gpu", "1"), "evaluate": ("gpu", "1")}
@@ -194,4 +194,24 @@ def test_cuda_without_a_gpu_request_is_one_line_naming_both_keys(tmp_path):
         validate(load_study(REPO_ROOT, [REPO_ROOT / "config.yaml", mine], None),
                  REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
     assert str(raised.value) == (f"config key train.device = 'cuda' (from {mine}): resources.train requests no GPU "
-                                 f"(gpus: 0, from config.yaml)")
+                                 f"(gpus: 0, from {REPO_ROOT / 'config.yaml'})")
+
+
+def test_cluster_file_sets_where_jobs_go_and_names_a_bad_key(tmp_path):
+    from trace.study_config import StudyConfigError, job_resources
+
+    (tmp_path / "profiles" / "slurm").mkdir(parents=True)
+    cluster = tmp_path / "profiles" / "slurm" / "cluster.yaml"
+    cluster.write_text("account: ci\ncpu_partition: short\ngpu_partition: a100q\ngpu_model: a100\n")
+    config = {"resources": {"train": {"cpus": 4, "mem_mb": 9000, "runtime": 90, "gpus": 2},
+                            "report": {"cpus": 1, "mem_mb": 100, "runtime": 5}}}
+    assert job_resources(config, "train", tmp_path) == {
+        "cpus_per_task": 4, "mem_mb": 9000, "runtime": 90, "slurm_partition": "a100q", "slurm_account": "ci",
+        "gpu": 2, "gpu_model": "a100"}
+    assert job_resources(config, "report", tmp_path) == {
+        "cpus_per_task": 1, "mem_mb": 100, "runtime": 5, "slurm_partition": "short", "slurm_account": "ci"}
+    assert job_resources(config, "evaluate", tmp_path) == {}  # not in the study: the executor's defaults
+    cluster.write_text("partition: gpu\n")
+    with pytest.raises(StudyConfigError, match=r"cluster.yaml: unknown key partition; known keys: account, "
+                                               r"cpu_partition, gpu_partition, gpu_model$"):
+        job_resources(config, "train", tmp_path)
