@@ -8,6 +8,8 @@ rule aggregate:
         curves="results/aggregate/training_curves.csv",
     params:
         cfg=as_arg({"benchmarks": config["eval"]["benchmarks"]}),
+    resources:
+        **study_config.job_resources(config, "aggregate", REPO),
     log:
         "logs/aggregate.log",
     shell:
@@ -39,6 +41,8 @@ rule report:
                       if STUDY == "paper" else []),
     params:
         cfg=as_arg(report_settings()),
+    resources:
+        **study_config.job_resources(config, "report", REPO),
     log:
         "logs/report.log",
     shell:

@@ -1,6 +1,13 @@
 launch = _load_by_path("trace_launch", "trace/launch.py")
 TRAIN_LAUNCHER = launch.train_launcher(config["train"], PYTHON)  # python | torchrun | srun + torchrun
-TRAIN_RESOURCES = launch.train_resources(config["train"])
+# the job's size and placement from resources.train (cpus, mem, runtime, partition); its shape (nodes,
+# tasks, GPUs per node) from train.parallel, which the launcher follows
+_shape = {key: value for key, value in launch.train_resources(config["train"]).items() if key in ("nodes", "tasks", "gpu")}
+TRAIN_RESOURCES = {**study_config.job_resources(config, "train", REPO), **_shape}
+_requested = (config.get("resources") or {}).get("train", {}).get("gpus", 0)
+if _shape["gpu"] != _requested:
+    raise WorkflowError(f"config error: resources.train.gpus = {_requested} but train.parallel runs {_shape['gpu']} "
+                        f"GPU process(es) per node (train.device {config['train']['device']!r}): make them equal")
 
 
 def train_settings(wildcards):
