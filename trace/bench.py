@@ -349,7 +349,7 @@ def step_setup(s: dict, method: str, model_dir: Path, work: Path):
     from trace import losses
     from trace.prompting import render_prompt
     from trace.router import RoutedMasks
-    from trace.train.rollout import RolloutBatch
+    from trace.rollout import RolloutBatch
     from trace.train.teacher import teacher_prompt
     from trace.train.trainer import Trainer
 
