@@ -223,3 +223,50 @@ def test_self_tier_annotates_through_the_vllm_engine(engine, tiny_qwen3, train_p
     # the random model cannot follow the annotation prompt: every reply fails cleanly into plain GRPO
     assert row["annotator/requested"] == 4 and row["annotator/backend_prompts"] >= 1
     assert row["annotator/failed"] + row["annotator/empty"] == 4 and row["tokens_key"] == row["tokens_error"] == 0
+
+
+def test_static_tier_samples_from_its_own_frozen_vllm_engine(engine, tiny_qwen3, train_path, tmp_path, tokenizer):
+    from trace.rollout.vllm_engine import VLLMRolloutEngine
+    from trace.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = run_config("trace_fkl", lr=1e-2,
+                     annotator={"tier": "static", "mode": "prompted", "prompted": {"max_new_tokens": 8}})
+    trainer = Trainer(cfg, tiny_qwen3, train_path, tmp_path / "run", engine=engine)
+    static = trainer.annotator.generate.engine
+    assert isinstance(static, VLLMRolloutEngine) and static is not engine and trainer.annotator.generate.model is None
+
+    def sample(eng):
+        torch.manual_seed(0)
+        return eng.generate(None, prompts(tokenizer), 2).sampled_logprobs
+
+    static_before, live_before = sample(static), sample(engine)
+    trainer.fit()   # one optimizer step; the trainer syncs ITS engine only
+    assert torch.equal(sample(static), static_before)            # the frozen copy never moves
+    assert not torch.equal(sample(engine), live_before)          # the rollout engine follows the policy
+    static.close()
+
+
+def test_frozen_tier_is_served_by_a_vllm_server_the_job_starts_and_stops(tiny_qwen3):
+    """The served frozen tier on CPU: a real `vllm.entrypoints.openai.api_server` subprocess (2–4 min
+    to start on this shared 2-core machine), asked through the HTTP backend."""
+    from trace.annotate import AnnotationRequest, HttpAnnotator
+    from trace.annotate.setup import annotator_for
+
+    cfg = run_config("trace_fkl", annotator={"tier": "frozen", "mode": "prompted", "model": str(tiny_qwen3),
+                                             "prompted": {"max_new_tokens": 8}})
+    cfg["rollout"]["annotator_server"] = {"max_model_len": 512}
+    annotator = annotator_for(cfg, tiny_qwen3)
+    assert isinstance(annotator, HttpAnnotator) and annotator.server.running
+    assert annotator.config.base_url.startswith("http://127.0.0.1:") and annotator.config.max_tokens == 8
+    text = "Step 1: 17 + 25 = 42.\nSo the answer is \\boxed{42}."
+    results = annotator.annotate([AnnotationRequest(RECORDS[0]["problem"], "", text, True)] * 2)
+    stats = annotator.last_call_stats
+    # the server answered (it reports the prompt's token count); the random model's reply is no
+    # valid annotation, which fails cleanly (parse error, not a transport error)
+    assert stats.backend_prompts == 1 and stats.http_requests == 1 and stats.prompt_tokens > 100
+    assert len(results) == 2 and not any(code.startswith(("http_", "connection", "timeout"))
+                                         for code in stats.failure_reasons)
+    process = annotator.server.proc
+    del annotator, results   # the server is stopped with its annotator (as when the trainer drops it)
+    assert process.poll() is not None
