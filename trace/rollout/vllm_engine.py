@@ -104,6 +104,7 @@ class VLLMRolloutEngine:
         top_k = s.get("top_k")
         return SamplingParams(
             n=n, max_tokens=max_tokens, seed=seed, stop_token_ids=[self.eos_id], logprobs=0,
+            detokenize=False,  # the texts are decoded by the HF tokenizer, as in the HF engine
             temperature=0.0 if greedy else float(s["temperature"]),
             top_p=1.0 if greedy else float(s["top_p"]),
             top_k=-1 if greedy or not top_k or top_k <= 0 else int(top_k))
