@@ -5,7 +5,7 @@ vocabulary, Qwen3's chat markup): the architecture and every config value are Qw
 (../shared/models/qwen3/config.Qwen3-1.7B.json: tied embeddings, RoPE θ, RMSNorm ε), only the sizes
 shrink. It cannot do maths; it samples random but well-formed token streams.
 
-    python -m trace tiny-qwen3 --out-dir results/base/tiny-qwen3 [--cfg '{"hidden_size": 64}']
+    build_tiny_qwen3(out_dir)      # tests/conftest.py fixture ``tiny_qwen3``
 
 Sizes: hidden 64, 2 layers, 4 query / 2 KV heads, head_dim 32 (9.8M parameters, almost all in the
 embedding). head_dim must be ≥ 32: vLLM's CPU attention rejects 16 ("Unsupported CPU attention

@@ -23,7 +23,9 @@ with the prompts tokenised and left-padded by the same tokenizer call, the compl
   model (``reload_weights`` with a weights iterator: vLLM's in-place reload that re-runs its weight
   post-processing, e.g. the CPU gemm repacking), then drops the prefix cache (its KV blocks were
   computed with the old weights). No disk round trip on CPU or GPU. Measured on CPU: the tied
-  lm_head follows (tests/test_rollout_vllm.py checks it against the new and the old weights).
+  lm_head follows (tests/test_rollout_vllm.py checks it against the new and the old weights),
+  whereas ``reload_weights(weights_path=...)`` from a saved folder leaves it on the OLD weights
+  (max |Δ| 1.9 nats) until it is re-tied and re-packed (../shared/notes/vllm-cpu.md).
 * GPU only (not runnable on the CPU test machine; written to vLLM 0.32's API, untested here):
   ``gpu_memory_utilization`` caps the engine's share; with ``sleep_mode`` the engine sleeps after
   each generate call (level 1: weights to host memory, KV cache dropped; level 2: both dropped,
@@ -56,9 +58,12 @@ def set_vllm_environment(cache_dir: Path, kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
 
 
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """An FSDP2 (DTensor) shard gathered to the whole tensor; a plain tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def checkpoint_tensors(policy):
+    """(name, tensor) in the model folder's naming: FSDP2 (DTensor) shards gathered to whole tensors,
+    wrapper prefixes of activation checkpointing / torch.compile removed."""
+    for name, tensor in policy.state_dict().items():
+        name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 class VLLMRolloutEngine:
@@ -150,8 +155,7 @@ class VLLMRolloutEngine:
         """The engine samples from ``policy``'s current weights from now on (call after every optimizer step)."""
         started = time.perf_counter()
         self._wake(("weights",))
-        weights = ((name, _full_tensor(tensor)) for name, tensor in policy.state_dict().items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_tensors(policy)})
         self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - started
 
