@@ -13,7 +13,8 @@ import yaml
 from conftest import REPO_ROOT
 from trace.launch import train_launcher, train_resources, world_size
 from trace.train.distributed import Distributed, rollout_seed, token_budget_plan
-from trace.train.rollout import HFRolloutEngine, PerRowSampler, RolloutBatch
+from trace.rollout import HFRolloutEngine, RolloutBatch
+from trace.rollout.hf import PerRowSampler
 
 BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
 

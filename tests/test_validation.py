@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
 from test_train import read_metrics, run_config
-from trace.train.rollout import HFRolloutEngine
+from trace.rollout import HFRolloutEngine
 from trace.train.trainer import Trainer, validation_setup
 from trace.verify import grade
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from trace.router import RoutedMasks
-from trace.train.rollout import RolloutBatch
+from trace.rollout import RolloutBatch
 
 OPTIMIZER_DIR = "optimizer_dcp"  # inside a checkpoint folder written under torchrun
 

@@ -1,7 +1,7 @@
 """The training loop: one optimizer step of GRPO / TRACE / the self-distillation baselines.
 
 Read ``train_step`` top to bottom; each paper concept is one named thing:
-  rollouts  -> trace.train.rollout.HFRolloutEngine
+  rollouts  -> trace.rollout (engines: Hugging Face generate, or vLLM colocated; train.rollout)
   reward    -> trace.verify.grade_many (the same grader as evaluation)
   span annotator -> trace.annotate.setup.annotator_for (tiers: toy oracle, API, self, frozen, static)
   router    -> trace.router.build_routed_masks
@@ -34,12 +34,12 @@ from trace.annotate.offsets import completion_text_and_offsets
 from trace.evaluation.metrics import avg_at_k, bootstrap_ci, per_problem_accuracy
 from trace.methods import MethodSpec, get_method
 from trace.prompting import render_prompt
+from trace.rollout import RolloutBatch, build_engine
 from trace.router import CORNERS, RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
 from trace.train.distributed import Distributed, rollout_options, token_budget_plan, trim_micro_batch
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
 from trace.train.probe import probe_after_update, probe_before_update
-from trace.train.rollout import HFRolloutEngine, RolloutBatch
 from trace.train.teacher import Teacher, teacher_prompt
 from trace.verify import grade_many
 
@@ -106,7 +106,7 @@ VALIDATION_DEFAULTS = {"every": 0, "n_problems": None, "k": 4, "sampling": {}, "
 
 class Trainer:
     def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None,
-                 val_path: Path | None = None):
+                 val_path: Path | None = None, engine=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         require_model_folder(base_model, "base model (--base)")
@@ -130,7 +130,10 @@ class Trainer:
         self.policy.config.use_cache = True
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                            weight_decay=cfg["weight_decay"])
-        self.engine = HFRolloutEngine(self.tokenizer, cfg["sampling"])
+        # engine=: an engine built elsewhere (tests share one vLLM engine); it first takes this policy's weights
+        self.engine = engine or build_engine(cfg, self.tokenizer, weights, self.run.work)
+        if engine is not None:
+            engine.sync_weights(self.policy)
         kl = cfg["kl"]
         self.schedule = LambdaSchedule(self.method.schedule, kl["w0"], kl["warmup"], kl["end"])
         self.teacher = None
@@ -151,7 +154,8 @@ class Trainer:
             from trace.annotate.setup import annotator_for
 
             as_trace = cfg if self.method.needs_annotation else {**cfg, "method": "trace_fkl"}
-            annotator = annotator_for(as_trace, base_model, policy=self.policy, tokenizer=self.tokenizer)
+            annotator = annotator_for(as_trace, base_model, policy=self.policy, tokenizer=self.tokenizer,
+                                      engine=self.engine)
             if annotator is None:
                 raise ValueError(f"method {cfg['method']!r} routes on annotated spans: configure an annotator")
         self.annotator = annotator
@@ -365,6 +369,7 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg["grad_clip"])
         self.optimizer.step()
+        self.engine.sync_weights(self.policy)  # the next rollouts (and the self annotator) use the new weights
 
         sums = self.dist.sum_floats(sums)  # every rank's micro-batches (identity in one process)
         n_tokens = float(counts["global_tokens"])

@@ -1,69 +1,47 @@
-"""The rollout engine: sample G completions per prompt from the current policy.
+"""The Hugging Face engine: ``model.generate`` on the live policy object (toy world, tests, small GPUs).
 
-Hugging Face ``generate`` on CPU and small GPUs. On a cluster the same interface is served by vLLM
-(see README: 'Rollouts with vLLM'); everything downstream only sees a ``RolloutBatch``.
+It samples from the very network it is given, so it follows every optimizer step by itself
+(``sync_weights`` has nothing to do).
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import Mapping
 
 import torch
 
-
-@dataclasses.dataclass
-class RolloutBatch:
-    """Prompts (left-padded to one width P) and their sampled completions (right-padded to T)."""
-    prompt_ids: torch.Tensor        # [B, P]
-    prompt_mask: torch.Tensor       # [B, P]
-    completion_ids: torch.Tensor    # [B, T]
-    completion_mask: torch.Tensor   # [B, T]  1 up to and including the end-of-turn token
-    texts: list[str]                # decoded completions (special tokens dropped)
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for every token up to and including the first end-of-turn, 0 after (padding)."""
-    is_eos = completion_ids == eos_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    return (~after_eos).long()
+from .batch import RolloutBatch, completion_mask_from_ids
 
 
 class HFRolloutEngine:
-    def __init__(self, tokenizer, sampling: dict):
+    def __init__(self, tokenizer, sampling: Mapping):
         self.tokenizer = tokenizer
-        self.sampling = sampling
+        self.sampling = dict(sampling)
         self.eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[str], n: int, row_seeds: list[int] | None = None,
-                 synced: bool = False) -> RolloutBatch:
+    def generate(self, model, prompts: list[str], n: int, sampling: Mapping | None = None,
+                 row_seeds: list[int] | None = None, synced: bool = False) -> RolloutBatch:
         """n samples for each prompt, grouped: rows [i*n, (i+1)*n) belong to prompt i.
 
+        ``sampling`` overrides the engine's settings for this call (the prompted annotator tiers).
         row_seeds: one seed per row; each row then samples from its own generator, so its tokens do not
         depend on which rows share the batch (a rank's share reproduces the one-process rollouts).
         synced: keep every rank stepping until all are done (sharded weights are gathered per forward).
         """
+        s = {**self.sampling, **(sampling or {})}
         repeated = [p for p in prompts for _ in range(n)]
         enc = self.tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False,
                              padding_side="left").to(model.device)
         was_training = model.training
         model.eval()
         # sampling {"do_sample": False} decodes greedily (the prompted annotator tiers' default)
-        do_sample = self.sampling.get("do_sample", True)
-        decoding = (dict(temperature=self.sampling["temperature"], top_p=self.sampling["top_p"],
-                         top_k=self.sampling["top_k"]) if do_sample else {})
+        do_sample = s.get("do_sample", True)
+        decoding = dict(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"]) if do_sample else {}
         if do_sample and row_seeds is not None:  # the per-row sampler draws; generate then just takes its pick
-            decoding = dict(logits_processor=[PerRowSampler(row_seeds, self.sampling, model.device)])
+            decoding = dict(logits_processor=[PerRowSampler(row_seeds, s, model.device)])
             do_sample = False
         out = model.generate(
-            **enc, do_sample=do_sample, max_new_tokens=self.sampling["max_new_tokens"], **decoding,
+            **enc, do_sample=do_sample, max_new_tokens=s["max_new_tokens"], **decoding,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_id, synced_gpus=synced,
         )
         model.train(was_training)
@@ -73,13 +51,19 @@ class HFRolloutEngine:
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return RolloutBatch(enc["input_ids"], enc["attention_mask"], completion_ids, completion_mask, texts)
 
+    def sync_weights(self, policy) -> None:
+        """Nothing to copy: ``generate`` runs the policy object itself."""
+
+    def close(self) -> None:
+        """Nothing to free."""
+
 
 class PerRowSampler:
     """A logits processor: samples every row from its own seeded generator with Hugging Face's own
     warpers (temperature, top-k, top-p, in generate's order) and returns a one-hot score, so greedy
     decoding takes that pick."""
 
-    def __init__(self, seeds: list[int], sampling: dict, device):
+    def __init__(self, seeds: list[int], sampling: Mapping, device):
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
