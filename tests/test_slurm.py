@@ -167,8 +167,10 @@ def test_paper_dry_run_requests_gpus_for_train_and_evaluate_only(home, tmp_path)
     fields = {rule: dict(item.split("=", 1) for item in requests[rule].pop().split(", ")) for rule in wired}
     assert {rule: (f["slurm_partition"], f.get("gpu")) for rule, f in fields.items()} == {
         "base_model": ("cpu", None), "benchmark_data": ("cpu", None), "train_data": ("cpu", None),
-        "train": ("gpu", "1"), "evaluate": ("gpu", "1")}
-    assert (fields["train"]["cpus_per_task"], fields["train"]["mem_mb"], fields["train"]["runtime"]) == ("16", "192000", "1440")
+        "train": ("gpu", "8"), "evaluate": ("gpu", "1")}
+    # one node of 8 GPUs per training run (train.parallel: 8 FSDP2 ranks under torchrun)
+    assert (fields["train"]["cpus_per_task"], fields["train"]["mem_mb"], fields["train"]["runtime"],
+            fields["train"]["nodes"], fields["train"]["tasks"]) == ("64", "1000000", "2880", "1", "1")
     assert (fields["evaluate"]["cpus_per_task"], fields["evaluate"]["mem_mb"], fields["evaluate"]["runtime"]) == ("8", "64000", "720")
 
 
