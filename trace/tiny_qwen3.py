@@ -31,9 +31,6 @@ def build_tiny_qwen3(out_dir: Path | str, qwen3_dir: Path | str = QWEN3_DIR, see
     ``end_of_turn_margin``: see ``make_turns_end`` (None: leave the random weights as they are; a
     random model then never ends its turn: p(eos) ≈ 1/151,936 per token).
     """
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     qwen3_dir, out_dir = Path(qwen3_dir), Path(out_dir)
     missing = [f for f in (TEMPLATE_CONFIG, *TOKENIZER_FILES) if not (qwen3_dir / f).exists()]
     if missing:
@@ -42,22 +39,35 @@ def build_tiny_qwen3(out_dir: Path | str, qwen3_dir: Path | str = QWEN3_DIR, see
     unknown = sorted(set(size) - set(DEFAULT_SIZE))
     if unknown:
         raise ValueError(f"unknown tiny-qwen3 sizes {unknown}; known: {sorted(DEFAULT_SIZE)}")
-    settings = json.loads((qwen3_dir / TEMPLATE_CONFIG).read_text())
-    for key in ("architectures", "transformers_version", "torch_dtype"):
-        settings.pop(key, None)
-    settings.update(DEFAULT_SIZE, **size, max_window_layers=size.get("num_hidden_layers",
-                                                                     DEFAULT_SIZE["num_hidden_layers"]))
-    if settings["head_dim"] < 32:
-        raise ValueError(f"head_dim {settings['head_dim']} < 32: vLLM's CPU attention needs head_dim >= 32")
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(**settings)).float()
+    model, settings = random_qwen3(qwen3_dir / TEMPLATE_CONFIG, {**DEFAULT_SIZE, **size}, seed)
     if end_of_turn_margin is not None:
         make_turns_end(model, settings["eos_token_id"], end_of_turn_margin)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    for name in TOKENIZER_FILES:  # the real tokenizer + chat template, and Qwen3's published sampling defaults
-        shutil.copyfile(qwen3_dir / name, out_dir / name)
+    copy_tokenizer(qwen3_dir, out_dir)
     return out_dir
+
+
+def random_qwen3(template_config: Path | str, size: dict, seed: int):
+    """A randomly initialised fp32 Qwen3ForCausalLM: every value of a real Qwen3 config but ``size``."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    settings = json.loads(Path(template_config).read_text())
+    for key in ("architectures", "transformers_version", "torch_dtype", "dtype"):
+        settings.pop(key, None)
+    settings.update(size, max_window_layers=size.get("num_hidden_layers", settings["num_hidden_layers"]))
+    if settings["head_dim"] < 32:
+        raise ValueError(f"head_dim {settings['head_dim']} < 32: vLLM's CPU attention needs head_dim >= 32")
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(**settings)).float(), settings
+
+
+def copy_tokenizer(qwen3_dir: Path | str, out_dir: Path | str) -> None:
+    """The real tokenizer + chat template, and Qwen3's published sampling defaults."""
+    for name in TOKENIZER_FILES:
+        if (Path(qwen3_dir) / name).exists():
+            shutil.copyfile(Path(qwen3_dir) / name, Path(out_dir) / name)
 
 
 def make_turns_end(model, eos_id: int, margin: float) -> None:
