@@ -39,3 +39,18 @@ def tiny_base(toy_data, tmp_path_factory) -> Path:
                     "sft": {"steps": 300, "batch_size": 16, "lr": 1e-2, "warmup": 2, "weight_decay": 0.0}},
                    toy_data, out)
     return out
+
+
+QWEN3_TOKENIZER = REPO_ROOT.parent / "shared" / "models" / "qwen3"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 (hidden 64, 2 layers, head_dim 32) with the REAL Qwen3 tokenizer and chat
+    template, whose turns end (trace/tiny_qwen3.py): the paper-scale path (vLLM, 151,936-token
+    vocabulary) on CPU."""
+    from trace.tiny_qwen3 import build_tiny_qwen3
+
+    if not (QWEN3_TOKENIZER / "tokenizer.json").exists():
+        pytest.skip(f"the real Qwen3 tokenizer is not at {QWEN3_TOKENIZER}")
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), QWEN3_TOKENIZER)

@@ -117,6 +117,26 @@ def test_cache_for_a_fixed_model(tmp_path):
         CallableAnnotator(generate, cache=ReplyCache(tmp_path))
 
 
+def test_lone_surrogates_with_a_reply_cache_never_stop_annotation(tmp_path):
+    """A lone surrogate (not encodable as UTF-8) in a reply or in the response text: the rollouts
+    are still annotated, the unencodable reply is simply not cached, and nothing raises."""
+    reply = '{"key_spans": [[2, 2]], "label": "key_insight"} \ud800'
+    generate = ScriptedGenerate(reply, "{}")
+    identity = {"model": "static-initial-student"}
+    annotator = CallableAnnotator(generate, cache=ReplyCache(tmp_path), model_identity=identity)
+    text_with_surrogate = RESPONSE.replace("Done.", "Done \udc80.")
+    first, second = annotator.annotate([_request(True), _request(True, text=text_with_surrogate)])
+    assert first.status == ParseStatus.REPAIRED and first.spans == ((1, 1),)
+    assert second.status == ParseStatus.REPAIRED and second.spans == ((1, 1),)
+    assert len(ReplyCache(tmp_path)) == 0   # nothing unencodable was written ...
+    again, = annotator.annotate([_request(True)])
+    assert not again.from_cache and again.spans == ((1, 1),)   # ... so the same prompt is asked again
+    clean = CallableAnnotator(ScriptedGenerate('{"key_spans": [[2, 2]], "label": "key_insight"}', "{}"),
+                              cache=ReplyCache(tmp_path), model_identity=identity)
+    clean.annotate([_request(True)])
+    assert len(ReplyCache(tmp_path)) == 1  # encodable replies are still cached
+
+
 def test_malformed_requests_are_caller_bugs():
     annotator = CallableAnnotator(ScriptedGenerate("{}", "{}"))
     with pytest.raises(ValueError, match="offset"):

@@ -109,3 +109,43 @@ def test_non_text_and_oversized_replies_fail_cleanly():
     huge = '{"key_spans": [[1, 1]], "label": "key_insight"}' + " " * 300_000
     assert parse_annotation(huge, 3, True).reason.startswith("unparseable")
     assert parse_annotation('{"key_spans": [[1, 1]], "label": "key_insight"}', 3, True).label in KEY_LABELS
+
+
+# ------------------------------------------------------------------ hostile replies (issue 12, item 1)
+HOSTILE_REPLIES = {
+    "fence + 4000 spaces": "```" + " " * 4000 + "x",
+    "span text: 50k spaces then '-'": json.dumps({"key_spans": [" " * 50_000 + "-"], "label": "key_insight"}),
+    "28000 <think> tags": "<think>" * 28_000,
+    "64 unclosed nests": ('{"' + "{" * 2000 + '"}') * 64,
+    "1 MB of braces": "{" * 1_000_000,
+    "just under the length cap: braces and quotes": ('{"' + "{" * 2000 + '"}') * 49,
+    "just under the length cap: fences": ("```" + " " * 3000 + "x") * 60,
+    "just under the length cap: think tags": "<think>" * 28_000 + "</think",
+    "just under the length cap: spaces + '-' in a span string":
+        '{"key_spans": ["' + " " * 190_000 + '-"], "label": "key_insight"}',
+    "nested candidates under the cap": ("{" + '{"a": ' * 3000 + "1" + "}" * 2999 + " ") * 30,
+}
+
+
+def test_hostile_replies_are_parsed_or_rejected_fast():
+    """Every parsing step is linear-time and the whole reply shares one work budget: each reply
+    (up to 1 MB) returns a result in well under a second (bound 2 s for a loaded machine)."""
+    times = {}
+    for name, reply in HOSTILE_REPLIES.items():
+        started = time.perf_counter()
+        result = parse_annotation(reply, 6, True)
+        times[name] = time.perf_counter() - started
+        assert result.status in tuple(ParseStatus)
+    print({name: round(t, 3) for name, t in times.items()})
+    slow = {name: t for name, t in times.items() if t > 2.0}
+    assert not slow, f"super-linear parsing: {slow}"
+
+
+def test_budget_does_not_reject_a_normal_reply_with_prose_and_fences():
+    reply = ("<think>" + "I look at segment 2. " * 200 + "</think>\nHere is my answer:\n```json\n"
+             '{"key_spans": [[2, 3]], "label": "key_insight"}\n```\n' + "{stray brace " * 50)
+    result = parse_annotation(reply, 6, True)
+    assert result.status == ParseStatus.REPAIRED and result.spans == ((1, 2),) and result.label == "key_insight"
+    long_prose = "Segment 2 is where the idea appears; {it} holds. " * 3500 + '{"key_spans": [[2, 2]], "label": "key_insight"}'
+    assert len(long_prose) > 150_000
+    assert parse_annotation(long_prose, 6, True).spans == ((1, 1),)

@@ -32,6 +32,7 @@ class ChatServer:
         self.arrivals = collections.defaultdict(list)
         self.auth_headers = []
         self.in_flight = self.max_in_flight = 0
+        self.redirect_to = None   # scenario "redirect": where to send the client
         self.lock = threading.Lock()
         server = self
 
@@ -40,11 +41,14 @@ class ChatServer:
                 pass
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
                 try:
                     server.handle(self, body)
                 except (BrokenPipeError, ConnectionResetError):   # the client gave up (timeout test)
                     pass
+
+            do_GET = do_POST   # a client following a 302 re-sends as GET without a body
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -53,6 +57,12 @@ class ChatServer:
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def handle(self, handler, body):
+        if body is None:   # a redirected request (GET, no body): answer it like a good annotator would
+            with self.lock:
+                self.counts["redirected"] += 1
+                self.auth_headers.append(handler.headers.get("Authorization"))
+            self.reply(handler, GOOD[True])
+            return
         user = body["messages"][-1]["content"]
         tag = user.split("TAG=", 1)[1].split()[0]
         scenario = tag.split("#")[0]
@@ -88,6 +98,9 @@ class ChatServer:
                 self.error(handler, 400, "bad request")
             elif scenario == "echo401":
                 self.error(handler, 401, f"invalid key {auth}")
+            elif scenario in ("redirect302", "redirect307"):
+                code = int(scenario[-3:])
+                self.raw(handler, code, b"", headers={"Location": self.redirect_to + "/chat/completions"})
             elif scenario == "notjson":
                 self.raw(handler, 200, b"<html>gateway hiccup</html>", "text/html")
             else:
@@ -275,3 +288,21 @@ def test_config_and_key_handling(monkeypatch):
     assert no_auth.model_identity == {"model": "m", "sampling": {"temperature": 0.0, "max_tokens": 1024}}
     assert parse_retry_after("3") == 3.0 and parse_retry_after(None) is None and parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0     # a date in the past: retry now
+
+
+@pytest.mark.parametrize("code", [302, 307])
+def test_the_api_key_never_follows_a_redirect_to_another_origin(server, code):
+    """Two real servers on 127.0.0.1 (different ports = different origins): the annotator endpoint
+    redirects to the other one. The client must not follow (so the key is never sent there and the
+    other server's reply is never taken as an annotation): the rollout fails into plain GRPO."""
+    other = ChatServer()
+    try:
+        server.redirect_to = other.base_url
+        result, = _annotator(server, max_retries=2).annotate([_request(f"redirect{code}#1")])
+        assert other.counts == {} and other.auth_headers == []       # nothing reached the other origin
+        assert server.counts == {f"redirect{code}#1": 1}             # a redirect is not retried
+        assert result.status is ParseStatus.FAILED and result.spans == ()
+        assert result.reason_code == "redirect" and other.base_url.split("/v1")[0] in result.reason
+        assert SECRET not in result.reason
+    finally:
+        other.close()

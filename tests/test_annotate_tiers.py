@@ -14,7 +14,7 @@ from trace.annotate import (ERROR_LABELS, KEY_LABELS, AnnotationRequest, Callabl
 from trace.annotate.contract import coverage_budget
 from trace.annotate.likelihood import (LikelihoodAnnotator, SegmentScore, choose_segments, likelihood_reply,
                                        segment_scores)
-from trace.annotate.local import HFChatGenerate
+from trace.annotate.local import ChatGenerate
 from trace.annotate.setup import annotator_for
 from trace.annotate.toy_oracle import ToyOracleAnnotator
 from trace.toy.task import Step, reference_steps
@@ -300,7 +300,7 @@ def test_prompted_mode_goes_through_the_rollout_engine_and_fails_cleanly(tiny_ba
     for tier in ("self", "static"):
         annotator = annotator_for(run_config(tier, mode="prompted", prompted={"max_new_tokens": 8}), tiny_base,
                                   policy=model)
-        assert isinstance(annotator, CallableAnnotator) and isinstance(annotator.generate, HFChatGenerate)
+        assert isinstance(annotator, CallableAnnotator) and isinstance(annotator.generate, ChatGenerate)
         assert (annotator.generate.model is model) == (tier == "self")
         results = annotator.annotate(requests)
         stats = annotator.last_call_stats

@@ -79,3 +79,32 @@ def test_subprocess_worker_sees_the_full_logits_and_the_same_loss(tmp_path, monk
     # the worker rebuilt exactly the inputs this process builds from the same seed
     here = run_variant(settings, "kl_naive_all", None, tmp_path)
     assert here["loss"] == row["loss"] and here["loss_on_routed_positions"] == row["loss_on_routed_positions"]
+
+
+def test_whole_step_comparison_with_rollouts(tmp_path):
+    """Part (c): whole train_step with HF rollouts. In the window TRACE-FKL routes the capped key tokens
+    of the correct half; after kl.end it has dropped its teacher and IS GRPO (same rollouts, same update)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    Tc = 16
+    args = parser.parse_args(["--vocab", str(V), "--length", str(Tc), "--batch", "4", "--hidden", "32", "--layers", "1",
+                              "--chunk", "16", "--parts", "c", "--in-process", "--repeats", "1"])
+    from trace.bench import format_report, run_bench
+
+    result = run_bench(settings_from_args(args))
+    rows = {r["variant"]: r for r in result["whole_step"]}
+    assert set(rows) == {"whole_grpo_kl_window", "whole_trace_kl_window", "whole_grpo_after", "whole_trace_after"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["time_s"] > 0 and row["rollout_s"] > 0 and row["engine"] == "hf"
+        assert 1 <= row["response_length"] <= Tc
+    window, after = rows["whole_trace_kl_window"], rows["whole_trace_after"]
+    assert window["lam"] == 0.5 and window["teacher_active"] == 1
+    assert 0 < window["kl_positions"] <= 2 * math.floor(0.25 * Tc)   # key tokens of the 2 correct rollouts, capped
+    assert after["lam"] == 0.0 and after["teacher_active"] == 0 and after["kl_positions"] == 0
+    assert after["grad_norm"] == pytest.approx(rows["whole_grpo_after"]["grad_norm"], rel=1e-5)
+    assert after["loss"] == pytest.approx(rows["whole_grpo_after"]["loss"], abs=1e-7)
+    assert result["ratios"]["trace/grpo_whole_step_kl_window_time"] is not None
+    report = format_report(result)
+    assert "(c) whole training step with rollouts (hf engine), in the KL window" in report
+    assert "TRACE-FKL ÷ GRPO whole step, after kl.end" in report

@@ -171,12 +171,15 @@ def test_jsd_by_hand():
 
 
 def test_per_entry_terms_and_clip_by_hand():
-    # FKL terms q·ln(q/p) − q + p = [0.1167, 0.0189, 0.2592]; clipping at 0.05 caps the first and last
+    # FKL terms q·ln(q/p) − q + p = [0.1167, 0.0189, 0.2592]; the clip scales the token's KL by
+    # s = 0.05 / 0.2592 so that the largest entry contributes exactly 0.05 and every other one less
     terms = L.divergence_terms(logits_of([P]), logits_of([Q]), "fkl")
     expected = [q * math.log(q / p) - q + p for p, q in zip(P, Q)]
     assert_close(terms, t([expected]))
     clipped = L.routed_divergence(logits_of([P]), logits_of([Q]), "fkl", entry_clip=0.05)
-    assert_close(clipped, t([0.05 + expected[1] + 0.05]))
+    assert_close(clipped, t([0.05 / expected[2] * sum(expected)]))
+    assert_close(L.entry_clip_scale(terms, 0.05), t([0.05 / expected[2]]))
+    assert_close(L.entry_clip_scale(terms, 0.5), t([1.0]))   # no entry above the clip: untouched
 
 
 def test_naive_entry_clip_flips_sign_ours_does_not():
@@ -184,30 +187,30 @@ def test_naive_entry_clip_flips_sign_ours_does_not():
     naive = sum(min(max(x * math.log(x / y), -0.05), 0.05) for x, y in zip(a, b))
     assert naive < 0  # clamping the raw entries to [−c, c] gives a NEGATIVE "KL"
     ours = L.routed_divergence(logits_of([b]), logits_of([a]), "fkl", entry_clip=0.05)
-    hand = sum(min(x * math.log(x / y) - x + y, 0.05) for x, y in zip(a, b))  # 0.0284 + 0.0284 + 0.05
-    assert_close(ours, t([hand]))
+    terms = [x * math.log(x / y) - x + y for x, y in zip(a, b)]  # [0.0284, 0.0284, 0.0386]: none above 0.05
+    assert_close(ours, t([min(1.0, 0.05 / max(terms)) * sum(terms)]))
     assert ours.item() > 0
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl"])
-def test_clip_keeps_each_entry_gradient_sign(kind):
-    """∂min(t_v, c)/∂p_v has the sign of p_v − q_v on unclipped entries and is 0 on clipped ones."""
+def test_clip_bounds_every_entry_contribution(kind):
+    """Each entry's share of the clipped loss, s·t_v, is ≤ c (= c on the largest entry of a clipped
+    row) and ≥ 0; rows whose entries are all ≤ c are left as they are."""
     torch.manual_seed(0)
-    p = torch.softmax(torch.randn(4, 6) * 2, -1).requires_grad_()
-    q = torch.softmax(torch.randn(4, 6) * 2, -1)
-    terms = L.DIVERGENCES[kind](p.log(), q.log())
-    clipped_entries = terms.detach() > 0.05
-    assert clipped_entries.any() and (~clipped_entries).any()
-    terms.clamp(max=0.05).sum().backward()
-    assert (terms >= 0).all()
-    assert torch.equal(p.grad[clipped_entries], torch.zeros(int(clipped_entries.sum())))
-    free = ~clipped_entries & ((p - q).abs() > 1e-4).detach()
-    assert torch.equal(torch.sign(p.grad[free]), torch.sign((p - q)[free].detach()))
+    student, teacher = torch.randn(4, 6) * 2, torch.randn(4, 6) * 2
+    terms = L.divergence_terms(student, teacher, kind)
+    scale = L.entry_clip_scale(terms, 0.05)
+    shares = scale.unsqueeze(-1) * terms
+    assert (terms >= 0).all() and (shares <= 0.05 + 1e-7).all()
+    clipped_rows = terms.amax(-1) > 0.05
+    assert clipped_rows.any()
+    assert_close(shares.amax(-1)[clipped_rows], torch.full((int(clipped_rows.sum()),), 0.05))
+    assert torch.equal(scale[~clipped_rows], torch.ones(int((~clipped_rows).sum())))
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
 @pytest.mark.parametrize("top_k,tail", [(None, True), (3, True), (3, False)])
-def test_clipped_divergence_nonnegative_and_grad_is_unclipped_entries(kind, top_k, tail):
+def test_clipped_divergence_nonnegative_and_grad_is_scaled_kl_gradient(kind, top_k, tail):
     torch.manual_seed(1)
     student = (torch.randn(5, 7) * 2).requires_grad_()
     teacher = torch.randn(5, 7) * 2
@@ -216,9 +219,50 @@ def test_clipped_divergence_nonnegative_and_grad_is_unclipped_entries(kind, top_
     assert (clipped >= 0).all()
     (grad,) = torch.autograd.grad(clipped.sum(), student)
     terms = L.divergence_terms(student, teacher, **kw)
-    free = terms.detach() <= 0.05
-    (grad_free,) = torch.autograd.grad(torch.where(free, terms, 0.0).sum(), student)
-    assert_close(grad, grad_free)
+    scale = L.entry_clip_scale(terms, 0.05)
+    assert (scale < 1).any()
+    (grad_kl,) = torch.autograd.grad((scale * terms.sum(-1)).sum(), student)
+    assert_close(grad, grad_kl)
+
+
+def _descent_inner_products(kind, top_k=None, tail=True, rows=2000, seed=0):
+    """⟨g_clip, g_KL⟩ per row in LOGIT space on random peaky student/teacher pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(rows, 16, generator=gen) * 4).requires_grad_()
+    teacher = torch.randn(rows, 16, generator=gen) * 4
+    kw = dict(kind=kind, top_k=top_k, tail_bucket=tail)
+    (g_clip,) = torch.autograd.grad(L.routed_divergence(student, teacher, entry_clip=0.05, **kw).sum(), student)
+    (g_kl,) = torch.autograd.grad(L.routed_divergence(student, teacher, entry_clip=None, **kw).sum(), student)
+    return (g_clip * g_kl).sum(-1), g_kl
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("top_k,tail", [(None, True), (4, True), (4, False)])
+def test_entry_clip_is_a_descent_direction_in_logit_space(kind, top_k, tail):
+    """Issue 12, item 13: on random peaky pairs the clipped loss's logit gradient never points uphill
+    for the KL it stands for (the per-entry clamp did on 16–86 % of rows)."""
+    inner, g_kl = _descent_inner_products(kind, top_k, tail)
+    uphill = (inner < -1e-7 * g_kl.pow(2).sum(-1).clamp(min=1e-12)).float().mean().item()
+    print(f"{kind} top_k={top_k} tail={tail}: uphill fraction {uphill:.3f}")
+    assert uphill == 0.0
+
+
+def test_entry_clip_on_the_issue_example():
+    """FKL, student logits [3, 0, 0, −3], teacher [0, 0, 0, 3]: the unclipped logit gradient is p − q =
+    [0.864, 0.002, 0.002, −0.868]; the clipped one must point the same way (here: scaled down), not raise
+    the token the student already over-allocates."""
+    student = torch.tensor([[3.0, 0.0, 0.0, -3.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 0.0, 0.0, 3.0]])
+    (g_kl,) = torch.autograd.grad(L.routed_divergence(student, teacher, "fkl", entry_clip=None).sum(), student)
+    assert_close(g_kl, student.detach().softmax(-1) - teacher.softmax(-1))
+    assert_close(g_kl, t([[0.864, 0.002, 0.002, -0.868]]), atol=2e-3, rtol=0)
+    clipped = L.routed_divergence(student, teacher, "fkl", entry_clip=0.05)
+    (g_clip,) = torch.autograd.grad(clipped.sum(), student)
+    terms = L.divergence_terms(student, teacher, "fkl").detach()
+    scale = 0.05 / terms.max()                          # the largest entry is brought down to the clip
+    assert_close(g_clip, scale * g_kl)
+    assert_close(clipped, scale * terms.sum(-1))
+    assert g_clip[0, 0] > 0 and (g_clip * g_kl).sum() > 0
 
 
 @pytest.mark.parametrize("kind,a_is_teacher", [("fkl", True), ("rkl", False)])
@@ -268,6 +312,60 @@ def test_tail_bucket_charges_mass_outside_the_support():
     for tail, changes in ((False, False), (True, True)):
         values = [L.routed_divergence(s, teacher, "rkl", top_k=2, tail_bucket=tail, entry_clip=None) for s in (before, after)]
         assert (not torch.isclose(values[0], values[1]).item()) == changes
+
+
+def _top_k_tail_kl_float64(student_logits, teacher_logits, kind, k):
+    """Reference in float64: the top-K categories of the support plus one tail bucket."""
+    logp, logq = student_logits.double().log_softmax(-1), teacher_logits.double().log_softmax(-1)
+    ids = (logq if kind == "fkl" else logp).topk(k, -1).indices
+    cats = []
+    for logx in (logp, logq):
+        top = logx.gather(-1, ids)
+        tail = logx.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+        cats.append(torch.cat([top, tail], -1))
+    log_a, log_b = (cats[1], cats[0]) if kind == "fkl" else (cats[0], cats[1])
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_top_k_tail_bucket_is_exact_in_float32_when_the_top_k_holds_almost_all_mass(kind):
+    """Issue 12, item 14: 1 − Σ_topK in float32 loses the tail when Σ_topK ≈ 1 (the tail's log-mass is
+    computed as a logsumexp over the entries outside the top-K instead)."""
+    gen = torch.Generator().manual_seed(0)
+    V, K = 64, 4
+    student = torch.randn(8, V, generator=gen)
+    teacher = torch.randn(8, V, generator=gen)
+    support = student if kind == "rkl" else teacher        # whose top-K forms the support: a fat tail
+    other = teacher if kind == "rkl" else student          # the other side: ~all its mass on that top-K
+    ids = support.topk(K, -1).indices
+    support.scatter_(-1, ids, support.gather(-1, ids) + 2.0)
+    other.scatter_(-1, ids, 25.0 + torch.rand(8, K, generator=gen))
+    ours = L.routed_divergence(student, teacher, kind, top_k=K, entry_clip=None)
+    reference = _top_k_tail_kl_float64(student, teacher, kind, K)
+    assert ours.dtype == torch.float32
+    assert_close(ours.double(), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(L.AGGREGATIONS))
+def test_all_padding_rows_are_not_sequences(mode):
+    """Convention: a row with no valid token (all padding) is not a sequence. It contributes 0 and is
+    not counted in the sequence normaliser, locally or via count_normalizers, in every mode; the
+    loss (and its gradient) of the other rows is the same with or without it, NaN padding included."""
+    per_token = t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]).requires_grad_()
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    padded = torch.cat([per_token, torch.full((1, 3), float("nan"))])
+    padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)])
+    counts = L.count_normalizers(padded_mask)
+    assert counts["global_seqs"].item() == 2 and counts["global_tokens"].item() == 4
+    plain = L.aggregate(per_token, mask, mode, max_len=3)
+    for value in (L.aggregate(padded, padded_mask, mode, max_len=3),
+                  L.aggregate(padded, padded_mask, mode, counts["global_tokens"], counts["global_seqs"], 3)):
+        assert_close(value, plain)
+        (grad,) = torch.autograd.grad(value, per_token)
+        assert_close(grad, torch.autograd.grad(plain, per_token, retain_graph=True)[0])
+    everything_padded = L.aggregate(torch.full((2, 3), float("nan")), torch.zeros(2, 3, dtype=torch.bool), mode,
+                                    max_len=3)
+    assert everything_padded.item() == 0.0
 
 
 def test_top_k_equal_to_vocab_with_tail_is_full_kl():
@@ -478,8 +576,9 @@ def naive_trace_loss(student_logits, teacher_logits, tokens, old_logp, adv, mask
     grpo, kl_error, kl_key = 0.0, 0.0, 0.0
     n_tokens = int(mask.sum())
 
-    def kl_entries(a, b):
-        return sum(torch.clamp(a[v] * torch.log(a[v] / b[v]) - a[v] + b[v], max=clip) for v in range(V))
+    def kl_entries(a, b):   # the whole token's KL scaled so that no entry exceeds the clip
+        terms = [a[v] * torch.log(a[v] / b[v]) - a[v] + b[v] for v in range(V)]
+        return min(1.0, clip / max(float(x.detach()) for x in terms)) * sum(terms)
 
     for i in range(B):
         seq_fkl, seq_rkl, n_key, n_err = 0.0, 0.0, 0, 0

@@ -9,7 +9,7 @@ import torch
 from test_train import read_metrics, run_config
 from trace.router import build_routed_masks
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
-from trace.train.rollout import HFRolloutEngine
+from trace.rollout import HFRolloutEngine
 from trace.train.teacher import teacher_prompt
 from trace.train.trainer import Trainer
 from trace import losses

@@ -58,3 +58,39 @@ def test_report_writes_main_and_ablation_tables(tmp_path):
     assert masks.set_index("variant").loc["random25", "gain_vs_grpo"] == 0.5
     for figure in ("training_curves", "annotator_tiers", "mask_localisation"):
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 1000
+
+
+def _eval_json(path, avg):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"k": 4, "n_problems": 8, "avg_at_k": avg, "ci95_avg_at_k": [avg - 0.1, avg + 0.1],
+                                "pass_at_k": {"1": avg}}))
+    return path
+
+
+def test_aggregate_reads_exactly_the_declared_inputs(tmp_path):
+    """Stale files under results/ (a seed or run no longer in the config) never reach the tables."""
+    import json
+
+    from trace.cli import main
+
+    results = tmp_path / "results"
+    declared = [_eval_json(results / "eval" / "small" / "grpo-seed0" / "arith_2op.json", 0.6),
+                _eval_json(results / "eval" / "small" / "base" / "arith_2op.json", 0.5)]
+    _eval_json(results / "eval" / "small" / "grpo-seed7" / "arith_2op.json", 0.0)         # stale seed
+    _eval_json(results / "eval" / "small" / "old_method-seed0" / "arith_2op.json", 0.0)   # stale run
+    metrics = results / "train" / "small" / "grpo" / "seed0" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"step": 0, "reward_mean": 0.25, "entropy": 1.0}) + "\n")
+    stale = results / "train" / "small" / "grpo" / "seed7" / "metrics.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"step": 0, "reward_mean": 0.99}) + "\n")
+    out = tmp_path / "aggregate"
+    main(["aggregate", "--cfg", json.dumps({"benchmarks": {"arith_2op": "MATH500"}}),
+          "--evals", *map(str, declared), "--metrics", str(metrics), "--out-dir", str(out)])
+    evals = pd.read_csv(out / "evals.csv")
+    assert sorted(zip(evals["method"], evals["avg_at_k"])) == [("base", 50.0), ("grpo", 60.0)]
+    assert list(evals.loc[evals["method"] == "grpo", "seed"]) == [0]
+    curves = pd.read_csv(out / "training_curves.csv")
+    assert list(zip(curves["seed"], curves["reward_mean"])) == [(0, 0.25)]

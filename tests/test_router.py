@@ -129,3 +129,24 @@ def test_build_routed_masks_dispatch():
         assert torch.equal(routed.key | routed.error | routed.rest, MASK)
     with pytest.raises(ValueError):
         R.build_routed_masks("everything", MASK, CORRECT)
+
+
+def test_the_coverage_cap_has_one_definition():
+    """The router's cap and the annotation contract's cap (issue 12, item 11): the same budget
+    floor(α·|y|) computed exactly for the decimal α (α = 1/3, |y| = 3: 0, not float's 1), and the
+    same kept tokens (the earliest ones) for the same |y|."""
+    import random
+
+    from trace.annotate.contract import cap_coverage
+    from trace.annotate.contract import coverage_budget as contract_budget
+
+    rng = random.Random(0)
+    for alpha in (1 / 3, 0.25, 0.29, 0.1, 2 / 3, 0.7):
+        for n in range(0, 120):
+            mask = torch.zeros(1, 130, dtype=torch.bool)
+            mask[0, :n] = True
+            assert R.coverage_budget(mask, alpha).item() == contract_budget(n, alpha), (alpha, n)
+            marked = [rng.random() < 0.6 for _ in range(n)]
+            span = torch.zeros(1, 130, dtype=torch.bool)
+            span[0, :n] = torch.tensor(marked, dtype=torch.bool)
+            assert R.cap_span_coverage(span, mask, alpha)[0, :n].tolist() == cap_coverage(marked, alpha)

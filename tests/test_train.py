@@ -2,6 +2,7 @@
 method trains, and λ = 0 for good means no teacher at all."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -59,9 +60,23 @@ def test_two_grpo_steps_change_weights_and_write_metrics(tiny_base, toy_data, tm
     assert (tmp_path / "run" / "model" / "config.json").exists()
 
 
+def fit_killed_at(trainer, step):
+    """fit() until the job is killed while training ``step`` (as by SLURM or Ctrl-C)."""
+    train_step = trainer.train_step
+
+    def killed(s):
+        if s == step:
+            raise KeyboardInterrupt
+        return train_step(s)
+
+    trainer.train_step = killed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_base, toy_data, tmp_path):
     run = tmp_path / "run"
-    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()  # checkpoint after step 0
+    fit_killed_at(make_trainer(run_config(steps=2), tiny_base, toy_data, run), 1)  # checkpoint after step 0
     state = torch.load(run / "work" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_step"] == 1
     resumed = make_trainer(run_config(steps=3), tiny_base, toy_data, run)
@@ -72,7 +87,7 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_base, toy_data, tmp_path):
 
 def test_changed_settings_do_not_resume_a_stale_checkpoint(tiny_base, toy_data, tmp_path):
     run = tmp_path / "run"
-    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()  # leaves a checkpoint at step 1
+    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()  # leaves a checkpoint at step 2
     changed = make_trainer(run_config(steps=2, lr=5e-4), tiny_base, toy_data, run)
     assert changed.start_step == 0
     changed.fit()
@@ -166,3 +181,214 @@ def test_a_grpo_step_raises_rewarded_rollouts_and_lowers_the_others(tiny_base, t
     trainer.optimizer.step()
     change = sequence_logp() - before
     assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()
+
+
+# ------------------------------------------------------------------ issue 12: checkpoints and resume
+def test_fingerprint_hashes_weight_content_not_timestamps(tiny_base, tmp_path):
+    """Copying results/ with tar or rsync changes mtimes, never the content: checkpoints stay valid."""
+    import os
+    import shutil
+
+    from trace.annotate.local import weights_fingerprint
+    from trace.train.trainer import run_fingerprint
+
+    copy_dir = tmp_path / "copied_base"
+    shutil.copytree(tiny_base, copy_dir)
+    for f in copy_dir.iterdir():
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))   # as an archive restore would set them
+    cfg = run_config()
+    assert weights_fingerprint(copy_dir) == weights_fingerprint(tiny_base)
+    assert run_fingerprint(cfg, copy_dir) == run_fingerprint(cfg, tiny_base)
+    weights = next(f for f in copy_dir.iterdir() if f.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF                                      # one changed byte, same size and mtime
+    stat = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights_fingerprint(copy_dir) != weights_fingerprint(tiny_base)
+
+
+def test_a_checkpoint_survives_touched_base_weights(tiny_base, toy_data, tmp_path):
+    import os
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2), base, toy_data, run).fit()
+    for f in base.iterdir():
+        os.utime(f)                                       # e.g. results/ restored from a tar archive
+    assert make_trainer(run_config(steps=3), base, toy_data, run).start_step >= 1
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(os.environ["TRACE_TEST_MARKER"]),))
+
+
+def test_trainer_state_is_loaded_without_running_code(tiny_base, toy_data, tmp_path, monkeypatch):
+    """A swapped trainer_state.pt must not run code (torch.load(weights_only=True)); the error names the file."""
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()
+    state_path = run / "work" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("TRACE_TEST_MARKER", str(marker))
+    torch.save({**state, "payload": _RunsCodeWhenUnpickled()}, state_path)
+    with pytest.raises(ValueError, match="trainer_state.pt") as error:
+        make_trainer(run_config(steps=3), tiny_base, toy_data, run)
+    assert not marker.exists()
+    assert "delete" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_corrupt_checkpoint_weights_name_the_file(tiny_base, toy_data, tmp_path):
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2), tiny_base, toy_data, run).fit()
+    weights = next((run / "work" / "checkpoint").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])       # truncated by a full disk
+    with pytest.raises(ValueError, match="checkpoint") as error:
+        make_trainer(run_config(steps=3), tiny_base, toy_data, run)
+    assert str(run / "work" / "checkpoint") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_truncated_training_jsonl_names_the_file_and_line(toy_data, tmp_path):
+    from trace.train.trainer import load_records
+
+    lines = (toy_data / "train.jsonl").read_text().splitlines()[:3]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines[:2] + [lines[2][: len(lines[2]) // 2]]) + "\n")   # killed mid-write
+    with pytest.raises(ValueError) as error:
+        load_records(data)
+    message = str(error.value)
+    assert f"{data} line 3" in message and "\n" not in message and "rerun" in message
+
+
+def test_cli_errors_are_one_line_naming_the_file(tiny_base, toy_data, tmp_path):
+    """Through `python -m trace train`: a missing base folder and a truncated JSONL each give one
+    error line naming the file (not "Repo id must be in the form ..." or a JSONDecodeError)."""
+    import subprocess
+    import sys
+
+    cfg = json.dumps(run_config())
+    bad_data = tmp_path / "train.jsonl"
+    bad_data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+')
+
+    def run(base, data):
+        return subprocess.run([sys.executable, "-m", "trace", "train", "--cfg", cfg, "--base", str(base),
+                               "--train-data", str(data), "--run-dir", str(tmp_path / "run")],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    missing = run(tmp_path / "no-such-base", toy_data / "train.jsonl")
+    assert missing.returncode == 2 and "Repo id" not in missing.stderr and "Traceback" not in missing.stderr
+    (line,) = [ln for ln in missing.stderr.splitlines() if "ERROR" in ln]
+    assert str(tmp_path / "no-such-base") in line and "does not exist" in line
+    truncated = run(tiny_base, bad_data)
+    (line,) = [ln for ln in truncated.stderr.splitlines() if "ERROR" in ln]
+    assert truncated.returncode == 2 and f"{bad_data} line 2" in line and "Traceback" not in truncated.stderr
+
+
+def test_extending_a_finished_run_repeats_no_step(tiny_base, toy_data, tmp_path):
+    """The final step is checkpointed too: raising train.steps continues where the run ended."""
+    run = tmp_path / "run"
+    make_trainer(run_config(steps=2, save_every=10), tiny_base, toy_data, run).fit()
+    assert torch.load(run / "work" / "checkpoint" / "trainer_state.pt", weights_only=True)["next_step"] == 2
+    extended = make_trainer(run_config(steps=3, save_every=10), tiny_base, toy_data, run)
+    assert extended.start_step == 2
+    extended.fit()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_a_rerun_keeps_the_killed_attempts_log(tiny_base, toy_data, tmp_path):
+    """The trainer appends to its own log in work/ (the rule's log: file is rewritten by each rerun)."""
+    run = tmp_path / "run"
+    fit_killed_at(make_trainer(run_config(steps=3), tiny_base, toy_data, run), 2)
+    make_trainer(run_config(steps=3), tiny_base, toy_data, run).fit()
+    text = (run / "work" / "train.log").read_text()
+    assert text.count("attempt started") == 2
+    assert "attempt started at step 0" in text and "attempt started at step 2" in text
+    assert [ln.split(" step ")[1].split()[0] for ln in text.splitlines() if " reward " in ln] == ["0", "1", "2"]
+
+
+def test_annotator_and_router_count_the_same_response_length(tiny_base, toy_data, tmp_path):
+    """|y| in the coverage cap is the response mask's length for both the annotator and the router
+    (the end-of-turn token is shown to the annotator as a zero-width token, never marked)."""
+    trainer = make_trainer(run_config("trace_fkl", steps=1, save_every=10), tiny_base, toy_data, tmp_path / "run")
+    seen = {}
+    generate, annotate = trainer.engine.generate, trainer.annotator.annotate
+    trainer.engine.generate = lambda *a, **k: seen.setdefault("rollouts", generate(*a, **k))
+    trainer.annotator.annotate = lambda requests: annotate(seen.setdefault("requests", requests))
+    trainer.train_step(0)
+    rollouts = seen["rollouts"]
+    lengths = rollouts.completion_mask.sum(-1).tolist()
+    ends_with_eos = [rollouts.completion_ids[row, n - 1].item() == trainer.engine.eos_id
+                     for row, n in enumerate(lengths)]
+    assert any(ends_with_eos), "the check needs rollouts that end with the end-of-turn token"
+    assert [len(r.token_offsets) for r in seen["requests"]] == lengths
+
+
+@pytest.mark.parametrize("method", ["trace_both", "srpo"])
+def test_logged_metrics_do_not_depend_on_the_micro_batch_size(method, tiny_base, toy_data, tmp_path):
+    """Issue 12, item 10: every logged metric of one step (128 rollouts) is the same for micro-batches
+    of 128, 32 and 16 (sums over global counts, never sums of per-micro-batch means)."""
+    rows = {}
+    for size in (128, 32, 16):
+        cfg = run_config(method, batch_prompts=8, group_size=16, micro_batch_size=size, steps=1, save_every=10,
+                         sampling=dict(BASE_TRAIN["sampling"], max_new_tokens=96, temperature=1.0))
+        torch.set_num_threads(1)
+        trainer = Trainer(cfg, tiny_base, toy_data / "choice_ood.jsonl", tmp_path / f"mb{size}",
+                          annotator=annotator_for(cfg, tiny_base))
+        rows[size] = trainer.train_step(0)
+    whole = rows[128]
+    assert 0 < whole["accuracy"] < 1, "the check needs correct and failed rollouts"
+    if method == "trace_both":
+        assert whole["tokens_key"] > 0 and whole["tokens_error"] > 0
+        assert whole["kl/fkl_key_token_mean"] > 0 and whole["kl/rkl_error_token_mean"] > 0
+    else:
+        assert 0 < whole["srpo_weight_raw_mean"] <= 1
+    timing = {"rollout_s", "step_s"} | {k for k in whole if "latency" in k or k.endswith("wall_s")}
+    numbers = {n for n, v in whole.items() if isinstance(v, (int, float))} - timing
+    for size in (32, 16):
+        assert set(rows[size]) == set(whole)
+        for name in sorted(numbers):
+            assert rows[size][name] == pytest.approx(whole[name], rel=1e-4, abs=1e-6), (size, name)
+        for name in sorted(set(whole) - timing - numbers):   # e.g. the mechanism probe's nested values
+            assert _same_values(rows[size][name], whole[name]), (size, name)
+        worst = max(abs(rows[size][n] - whole[n]) / max(abs(whole[n]), 1e-12) for n in numbers)
+        print(f"{method}: {len(set(whole) - timing)} metrics, micro-batch {size} vs 128: max rel. diff {worst:.2e} "
+              f"over the {len(numbers)} numbers")
+
+
+def _same_values(a, b) -> bool:
+    """Numbers equal up to float rounding (rel 1e-4; abs 1e-5 for 6-decimal rounded values), other
+    values exactly, recursively through lists and dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    return a == b
+
+
+def test_resume_between_teacher_syncs_equals_an_uninterrupted_run(tiny_base, toy_data, tmp_path):
+    """Issue 12, item 12: save_every (7) differs from teacher_sync_every (10), so the checkpoint at step 7
+    must carry the teacher synced at step 0, not a copy of the step-7 policy."""
+    cfg = run_config("trace_fkl", steps=9, save_every=7, kl={"teacher_sync_every": 10})
+    straight = make_trainer(cfg, tiny_base, toy_data, tmp_path / "straight")
+    straight.fit()
+    killed = make_trainer(cfg, tiny_base, toy_data, tmp_path / "resumed")
+    fit_killed_at(killed, 8)
+    resumed = make_trainer(cfg, tiny_base, toy_data, tmp_path / "resumed")
+    assert resumed.start_step == 7
+    resumed.fit()
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(9))
+    timing = {"rollout_s", "step_s"}
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k not in timing and "wall_s" not in k and "latency" not in k} == \
+               {k: v for k, v in y.items() if k not in timing and "wall_s" not in k and "latency" not in k}
+    for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q), name

@@ -38,6 +38,26 @@ MATH_CASES = [
     ("The answer is 5.", "5", False),                         # no box -> no answer
     ("\\boxed{5", "5", False),                                # unbalanced box
     ("", "5", False),
+    # equations (issue 12, item 4): only "<bare variable> = answer" counts as the answer
+    ("\\boxed{4 = 3}", "3", False),
+    ("\\boxed{0 = 3}", "3", False),
+    ("\\boxed{1 + 1 = 3}", "3", False),
+    ("\\boxed{\\text{wrong} = 3}", "3", False),
+    ("\\boxed{f(x) = 3}", "3", False),
+    ("\\boxed{x = 3 = 4}", "3", False),
+    ("\\boxed{x = 3}", "3", True),
+    ("\\boxed{x=4}", "3", False),
+    ("\\boxed{x_1 = \\frac{1}{2}}", "\\frac12", True),
+    ("\\boxed{\\theta = 30^\\circ}", "30^\\circ", True),
+    ("\\boxed{$n = 7$}", "7", True),
+    ("\\boxed{y = 2x + 1}", "y = 2x + 1", True),              # the gold is itself an equation
+    ("\\boxed{x \\geq 3}", "x \\ge 3", True),                # inequalities are not equations
+    # numeric tolerance: math-verify's default, agreement after rounding to 6 decimal places
+    ("\\boxed{3.1415927}", "\\pi", True),
+    ("\\boxed{0.333333}", "\\frac{1}{3}", True),
+    ("\\boxed{3.14159}", "\\pi", False),
+    ("\\boxed{3.14}", "\\pi", False),
+    ("\\boxed{0.3333}", "\\frac{1}{3}", False),
 ]
 
 

@@ -27,7 +27,6 @@ from typing import Mapping
 log = logging.getLogger(__name__)
 
 MODEL_FILES_NEEDED = ("config.json",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 
 
 class ModelUnavailableError(FileNotFoundError):
@@ -147,22 +146,14 @@ def smoke_sft_target(record: dict) -> str:
 
 
 def _random_init_and_sft(init: Mapping, out_dir: Path, train_data: Path, thinking: bool) -> None:
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
+    from trace.tiny_qwen3 import copy_tokenizer, random_qwen3
     from trace.toy.sft import run_sft
 
-    tokenizer_dir = Path(init["tokenizer"])
-    for file_name in TOKENIZER_FILES:
-        if (tokenizer_dir / file_name).exists():
-            shutil.copyfile(tokenizer_dir / file_name, out_dir / file_name)
+    copy_tokenizer(init["tokenizer"], out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    settings = json.loads(Path(init["config"]).read_text())
-    settings.update(init.get("size") or {})
-    for key in ("architectures", "transformers_version", "torch_dtype", "dtype"):
-        settings.pop(key, None)
-    torch.manual_seed(init["seed"])
-    model = Qwen3ForCausalLM(Qwen3Config(**settings)).float()
+    model, _ = random_qwen3(init["config"], dict(init.get("size") or {}), init["seed"])
     records = [json.loads(line) for line in train_data.read_text().splitlines() if line.strip()]
     records = [{**r, "solution": smoke_sft_target(r)} for r in records]
     sft = init["sft"]

@@ -12,6 +12,15 @@ Two comparisons, each variant on the same seeded inputs, forward + backward:
       GRPO               student forward, clipped surrogate on all tokens, backward
       TRACE-FKL α        + teacher forward under the label prompt (no grad), FKL on the routed key tokens
     Rollout generation is excluded: both score the same fixed synthetic rollouts.
+(c) whole optimizer steps, ``Trainer.train_step`` with rollouts (``--engine hf|vllm``, the same engine
+    for both methods), GRPO vs TRACE-FKL, in the KL window (steps 0…, λ = w0, teacher + annotation
+    on) and after it (steps ≥ kl.end = 40: λ = 0, teacher and annotator freed, so TRACE is GRPO).
+    Rollouts come from the random bench model, which rarely ends its turn: most rollouts run to
+    ``--length`` tokens (the mean is reported). Two stand-ins, so that TRACE-FKL routes what it would
+    route at its cap: rewards are synthetic (every other rollout of a group correct), and the
+    annotator marks every segment, which the contract's α-cap trims to floor(α·|y|) tokens (the
+    real parse → token mask → cap path of trace/annotate). Time: median step; memory: the step's
+    peak above the state before it (engine, policy, optimizer, teacher are in the baseline).
 
 Memory is measured per variant in a fresh subprocess (``--in-process`` runs them all here instead):
 on CPU the peak resident set during the measured call minus the resident set right before it (the
@@ -43,12 +52,17 @@ MIB = 2 ** 20
 
 KL_VARIANTS = ("kl_naive_all", "kl_chunked_all", "kl_routed")
 STEP_VARIANTS = ("step_grpo", "step_trace")
+WHOLE_VARIANTS = ("whole_grpo_kl_window", "whole_trace_kl_window", "whole_grpo_after", "whole_trace_after")
 LABELS = {
     "kl_naive_all": "naive all-token (full [B,T,V] fp32 logits)",
     "kl_chunked_all": "chunked all-token",
     "kl_routed": "routed α={alpha:g} (chunked)",
     "step_grpo": "GRPO (student fwd, surrogate, bwd)",
     "step_trace": "TRACE-FKL α={alpha:g} (+ teacher fwd, routed FKL)",
+    "whole_grpo_kl_window": "GRPO, step in the KL window",
+    "whole_trace_kl_window": "TRACE-FKL α={alpha:g}, step in the KL window (λ = w0)",
+    "whole_grpo_after": "GRPO, step after kl.end",
+    "whole_trace_after": "TRACE-FKL, step after kl.end (λ = 0, teacher off)",
 }
 # The synthetic task the rollouts answer; the teacher sees the same prompt plus a private label hint.
 RECORD = {"problem": "A bag holds 3 red and 5 blue marbles. Two are drawn without replacement. "
@@ -76,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--warmup", type=int, default=None, help="untimed runs before measuring (default: 0 on CPU, 1 on CUDA)")
     a("--repeats", type=int, default=None, help="timed runs, the median is reported (default: 1 CPU, 3 CUDA)")
     a("--no-naive", action="store_true", help="skip the naive full-logits row (it needs ~9·B·T·V·4 bytes)")
-    a("--parts", default="a,b", help="a (KL loss), b (step loss phase) or a,b")
+    a("--parts", default="a,b", help="any of a (KL loss), b (step loss phase), c (whole steps with rollouts): a,b,c")
+    a("--engine", default="hf", help="part c: rollout engine, hf | vllm (train.rollout.engine)")
     a("--in-process", action="store_true",
       help="run every variant in this process (faster; CPU memory then shares one allocator)")
     a("--out", default=None, help="also write the JSON result to this file")
@@ -84,8 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args) -> dict:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts or parts - {"a", "b"}:
-        raise ValueError(f"--parts must be a, b or a,b; got {args.parts!r}")
+    if not parts or parts - {"a", "b", "c"}:
+        raise ValueError(f"--parts must be a comma list of a, b, c; got {args.parts!r}")
+    if args.engine not in ("hf", "vllm"):
+        raise ValueError(f"--engine must be hf or vllm, got {args.engine!r}")
     if not 0.0 < args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in (0, 1], got {args.alpha}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -102,13 +119,15 @@ def settings_from_args(args) -> dict:
         variants += [v for v in KL_VARIANTS if not (args.no_naive and v == "kl_naive_all")]
     if "b" in parts:
         variants += list(STEP_VARIANTS)
+    if "c" in parts:
+        variants += list(WHOLE_VARIANTS)
     return {
         "vocab": args.vocab, "length": args.length, "batch": args.batch, "alpha": args.alpha,
         "hidden": args.hidden, "layers": args.layers, "heads": max(1, args.hidden // 64),
         "chunk": args.chunk or train_cfg["logprob_chunk"], "device": args.device, "dtype": args.dtype,
         "seed": args.seed, "warmup": args.warmup if args.warmup is not None else (1 if cuda else 0),
         "repeats": args.repeats if args.repeats is not None else (3 if cuda else 1),
-        "in_process": bool(args.in_process), "variants": variants, "train_cfg": train_cfg,
+        "in_process": bool(args.in_process), "variants": variants, "train_cfg": train_cfg, "engine": args.engine,
     }
 
 
@@ -349,7 +368,7 @@ def step_setup(s: dict, method: str, model_dir: Path, work: Path):
     from trace import losses
     from trace.prompting import render_prompt
     from trace.router import RoutedMasks
-    from trace.train.rollout import RolloutBatch
+    from trace.rollout import RolloutBatch
     from trace.train.teacher import teacher_prompt
     from trace.train.trainer import Trainer
 
@@ -382,6 +401,54 @@ def step_setup(s: dict, method: str, model_dir: Path, work: Path):
 
 
 # ---------------------------------------------------------------------------------------------
+# (c) whole optimizer steps with rollouts, through the real trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def cap_filling_annotator(alpha: float):
+    """Stands in for the span annotator in part (c): marks every segment of every rollout (key spans
+    of correct, error spans of incorrect rollouts, the contract's first label), so the real parse →
+    token mask → α-cap path keeps the earliest floor(α·|y|) tokens: TRACE's routing at its cap."""
+    from trace.annotate.backends import LocalReplyAnnotator
+    from trace.annotate.contract import labels_for
+
+    class CapFilling(LocalReplyAnnotator):
+        name = "bench_cap_filling"
+
+        def replies(self, requests, segmented):
+            return [json.dumps({"key_spans" if r.is_correct else "error_spans": [[1, len(segments)]],
+                                "label": next(iter(labels_for(r.is_correct)))}) if segments else None
+                    for r, segments in zip(requests, segmented)]
+
+    return CapFilling(alpha=alpha)
+
+
+def half_correct(texts, golds, kinds):
+    """Part (c)'s synthetic rewards: every other rollout of a group is correct (reward variance, and
+    correct rollouts for TRACE-FKL's key spans); random text never contains the gold answer."""
+    return [i % 2 == 0 for i in range(len(texts))]
+
+
+def whole_step_setup(s: dict, variant: str, model_dir: Path, work: Path):
+    """A Trainer with the bench's rollout engine and the step indices to run (warm-up first)."""
+    from trace.train.trainer import Trainer
+
+    method = "grpo" if "grpo" in variant else "trace_fkl"
+    cfg = trainer_config(s, method)
+    cfg["rollout"] = dict(cfg.get("rollout") or {}, engine=s["engine"])
+    train_path = work / "train.jsonl"
+    train_path.write_text(json.dumps(RECORD) + "\n")
+    trainer = Trainer(cfg, model_dir, train_path, work / f"run_{variant}", annotator=cap_filling_annotator(s["alpha"]))
+    first = 0 if variant.endswith("kl_window") else cfg["kl"]["end"]  # the step after the window frees the teacher
+    return trainer, iter(range(first, first + whole_step_warmup(s) + s["repeats"]))
+
+
+def whole_step_warmup(s: dict) -> int:
+    """At least one: the first step after the window frees the teacher; the first step of a run pays one-off costs."""
+    return max(1, s["warmup"])
+
+
+# ---------------------------------------------------------------------------------------------
 # one variant (in a worker subprocess, or here)
 # ---------------------------------------------------------------------------------------------
 
@@ -403,6 +470,16 @@ def run_variant(s: dict, variant: str, model_dir: Path | None, work: Path) -> di
         row, out = measure(lambda: kl_loss(variant, x, s["train_cfg"], s["chunk"]), device,
                            s["warmup"], s["repeats"], reset)
         row.update(out)
+    elif variant in WHOLE_VARIANTS:
+        from unittest import mock
+
+        trainer, steps = whole_step_setup(s, variant, model_dir, work)
+        with mock.patch("trace.train.trainer.grade_many", half_correct):
+            row, metrics = measure(lambda: trainer.train_step(next(steps)), device, whole_step_warmup(s),
+                                   s["repeats"], lambda: None)
+        row.update(kl_positions=int(metrics.get("tokens_key", 0)), loss=metrics["loss"], lam=metrics["lambda"],
+                   teacher_active=metrics["teacher_active"], rollout_s=metrics["rollout_s"], grad_norm=metrics["grad_norm"],
+                   response_length=metrics["response_length"], engine=s["engine"])
     else:
         method = "grpo" if variant == "step_grpo" else "trace_fkl"
         trainer, call = step_setup(s, method, model_dir, work)
@@ -456,7 +533,7 @@ def run_bench(s: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="trace_bench_") as tmp:
         work = Path(tmp)
         model_dir = None
-        if any(v in STEP_VARIANTS for v in s["variants"]):
+        if any(v in STEP_VARIANTS + WHOLE_VARIANTS for v in s["variants"]):
             model_dir = build_bench_model(s, work / "model")
         bar = tqdm(s["variants"], desc="bench", unit="variant", file=sys.stderr)
         for variant in bar:
@@ -521,6 +598,9 @@ def summarize(s: dict, rows: dict, wall_s: float) -> dict:
             ratios[f"routed/{ref.removeprefix('kl_')}_{name}"] = _ratio(rows.get("kl_routed"), rows.get(ref), key)
     for key, name in (("time_s", "time"), ("peak_delta_mib", "peak_memory")):
         ratios[f"trace/grpo_step_{name}"] = _ratio(rows.get("step_trace"), rows.get("step_grpo"), key)
+        for phase in ("kl_window", "after"):
+            ratios[f"trace/grpo_whole_step_{phase}_{name}"] = _ratio(rows.get(f"whole_trace_{phase}"),
+                                                                      rows.get(f"whole_grpo_{phase}"), key)
     checks = {}
     if "kl_routed" in ok:
         for ref in ("kl_chunked_all", "kl_naive_all"):
@@ -529,14 +609,24 @@ def summarize(s: dict, rows: dict, wall_s: float) -> dict:
                     ok["kl_routed"]["loss"] - ok[ref]["loss_on_routed_positions"])
     if "kl_chunked_all" in ok and "kl_naive_all" in ok:
         checks["chunked_minus_naive_all_token_loss"] = ok["kl_chunked_all"]["loss"] - ok["kl_naive_all"]["loss"]
-    notes = [
-        "Rollout generation is excluded: GRPO and TRACE score the same fixed synthetic rollouts "
-        f"({s['batch']} random completions of {s['length']} tokens, seeded).",
-        f"Routed = floor(α·|y|) = {math.floor(s['alpha'] * s['length'] + 1e-9)} random key positions per rollout "
-        "(the coverage cap filled on every rollout: TRACE's upper bound).",
-        "Part (b) is Trainer._micro_batch_loss (the loss phase of train_step), not the optimizer step; "
-        "model weights (student, and the teacher copy for TRACE) are in the baseline, not the peak delta.",
-    ]
+    notes = []
+    if any(v in KL_VARIANTS + STEP_VARIANTS for v in rows):
+        notes.append(f"Routed = floor(α·|y|) = {math.floor(s['alpha'] * s['length'] + 1e-9)} random key positions per "
+                     "rollout (the coverage cap filled on every rollout: TRACE's upper bound).")
+    if any(v in STEP_VARIANTS for v in rows):
+        notes += [
+            "Part (b): Rollout generation is excluded: GRPO and TRACE score the same fixed synthetic rollouts "
+            f"({s['batch']} random completions of {s['length']} tokens, seeded).",
+            "Part (b) is Trainer._micro_batch_loss (the loss phase of train_step), not the optimizer step; "
+            "model weights (student, and the teacher copy for TRACE) are in the baseline, not the peak delta."]
+    if any(v in WHOLE_VARIANTS for v in rows):
+        notes.append(
+            f"Part (c): whole Trainer.train_step with rollouts from the {s['engine']} engine (both methods), "
+            f"median of {s['repeats']} step(s) after {whole_step_warmup(s)} warm-up step(s); synthetic rewards "
+            "(every other rollout correct) and an annotator that fills the α-cap on every rollout (bench.cap_filling_annotator). "
+            "KL window: from step 0 (λ = w0); after: from step kl.end (λ = 0: the teacher and annotator are freed "
+            "in the warm-up step). The physical floor in the window is one extra no-grad teacher forward "
+            "(≈ 1/3 of forward + backward) plus the routed KL and the annotation; after the window, nothing.")
     n_routed = s["batch"] * math.floor(s["alpha"] * s["length"] + 1e-9)
     if n_routed >= s["chunk"]:
         notes.append(
@@ -554,6 +644,7 @@ def summarize(s: dict, rows: dict, wall_s: float) -> dict:
         "bench": "trace routed-KL memory/time", "settings": settings,
         "kl_loss": [rows[v] for v in KL_VARIANTS if v in rows],
         "step_loss_phase": [rows[v] for v in STEP_VARIANTS if v in rows],
+        "whole_step": [rows[v] for v in WHOLE_VARIANTS if v in rows],
         "ratios": ratios, "checks": checks, "memory_method": sorted(methods), "wall_s": round(wall_s, 1),
         "notes": notes,
     }
@@ -565,7 +656,8 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
 
 def format_report(result: dict) -> str:
     s = result["settings"]
-    threads = next((r["threads"] for r in result["kl_loss"] + result["step_loss_phase"] if "threads" in r), "?")
+    measured = result["kl_loss"] + result["step_loss_phase"] + result.get("whole_step", [])
+    threads = next((r["threads"] for r in measured if "threads" in r), "?")
     lines = [
         f"# trace bench: B={s['batch']} T={s['length']} V={s['vocab']} d={s['hidden']} layers={s['layers']} "
         f"α={s['alpha']:g} chunk={s['chunk']} {s['dtype']} on {s['device']} ({threads} torch thread(s)), "
@@ -588,16 +680,26 @@ def format_report(result: dict) -> str:
                        f"{_fmt(_ratio(r, ref, 'time_s'), '.2f')} | {_fmt(_ratio(r, ref, 'peak_delta_mib'), '.2f')} |")
         return out + [""]
 
-    by = {r["variant"]: r for r in result["kl_loss"] + result["step_loss_phase"]}
+    by = {r["variant"]: r for r in measured}
     if result["kl_loss"]:
         lines += table("(a) KL loss (FKL, per-entry clip), forward + backward", result["kl_loss"],
                        by.get("kl_chunked_all"), "chunked all-token")
     if result["step_loss_phase"]:
         lines += table("(b) training step, loss phase (Trainer._micro_batch_loss), forward + backward",
                        result["step_loss_phase"], by.get("step_grpo"), "GRPO")
+    for phase, title in (("kl_window", "in the KL window"), ("after", "after kl.end")):
+        pair = [by[v] for v in (f"whole_grpo_{phase}", f"whole_trace_{phase}") if v in by]
+        if pair:
+            lines += table(f"(c) whole training step with rollouts ({s['engine']} engine), {title}", pair,
+                           by.get(f"whole_grpo_{phase}"), "GRPO")
+            lines[-1:-1] = ["- rollouts per step: " + "; ".join(
+                f"{r['label']}: {r['rollout_s']:.3f}s, mean length {r['response_length']:.1f}"
+                for r in pair if "rollout_s" in r)]
     r = result["ratios"]
     names = {"routed/chunked_all": "routed ÷ chunked all-token", "routed/naive_all": "routed ÷ naive all-token",
-             "trace/grpo_step": "TRACE ÷ GRPO step loss phase"}
+             "trace/grpo_step": "TRACE ÷ GRPO step loss phase",
+             "trace/grpo_whole_step_kl_window": "TRACE-FKL ÷ GRPO whole step, KL window",
+             "trace/grpo_whole_step_after": "TRACE-FKL ÷ GRPO whole step, after kl.end"}
     for key, name in names.items():
         t, m = r.get(f"{key}_time"), r.get(f"{key}_peak_memory")
         if t is not None or m is not None:

@@ -85,7 +85,7 @@ def cmd_prepare_train(args, cfg):
 def cmd_aggregate(args, cfg):
     from trace.report import aggregate
 
-    aggregate(cfg, Path(args.results), Path(args.out_dir))
+    aggregate(cfg, [Path(p) for p in args.evals], [Path(p) for p in args.metrics], Path(args.out_dir))
 
 
 def cmd_report(args, cfg):
@@ -108,7 +108,7 @@ STAGES = {
     "base-model": (cmd_base_model, ["--out-dir", "--train-data?"]),
     "train": (cmd_train, ["--base", "--train-data", "--run-dir", "--val-data?"]),
     "evaluate": (cmd_evaluate, ["--model", "--data+", "--out-dir"]),
-    "aggregate": (cmd_aggregate, ["--results", "--out-dir"]),
+    "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
 }
 
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, (_, options) in STAGES.items():
         stage = sub.add_parser(name)
         stage.add_argument("--cfg", default="{}", help="the stage's settings as JSON (built by the Snakefile)")
-        for option in options:  # "--name?" = optional, "--name+" = one or more values
-            stage.add_argument(option.rstrip("?+"), required=not option.endswith("?"),
-                               nargs="+" if option.endswith("+") else None)
+        for option in options:  # "--name?" optional; "--name+" / "--name*" one or more / any number of values
+            stage.add_argument(option.rstrip("?+*"), required=not option.endswith("?"),
+                               nargs=option[-1] if option[-1] in "+*" else None)
     from trace.bench import add_arguments as add_bench_arguments
 
     sub.add_parser("smoke", help="the paper path on CPU: start the smoke's annotator server, run "

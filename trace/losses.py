@@ -120,6 +120,9 @@ def ppo_clip_per_token(
 # losses (and their gradients) gives exactly the full-batch loss: dividing by per-micro-batch counts
 # instead would re-weight tokens by which micro-batch they fell into (§8 pitfall). With None, local
 # counts are used (correct when the batch is not split).
+# Convention for an all-padding row (no valid token): it is not a sequence. It contributes 0 and is
+# not counted by the seq-mean modes' sequence count (local or count_normalizers); a batch of only
+# such rows has loss 0.
 
 
 def count_normalizers(*masks: Tensor) -> dict[str, Tensor]:
@@ -198,12 +201,21 @@ def aggregate(
 #     t(a_v, b_v) = a_v·log(a_v / b_v) − a_v + b_v  ≥ 0          (generalised KL / Bregman form)
 #
 # For two distributions over the same categories Σ_v (−a_v + b_v) = 0, so Σ_v t = KL(a‖b) exactly,
-# value and gradient. The per-entry clip (paper: 0.05) is then min(t_v, c):
-#   * the clipped loss stays ≥ 0 (clamping the raw a_v·log(a_v/b_v) to [−c, c] instead can make the
-#     sum negative and turn "minimise the KL" into "push the distributions apart", §8 pitfall);
-#   * an entry that hits the cap stops contributing gradient; every other entry keeps its own
-#     gradient, whose sign in the student probability p_v is sign(p_v − q_v) for both FKL and RKL
-#     (∂t/∂p_v = 1 − q_v/p_v for FKL, log(p_v/q_v) for RKL), so clipping never reverses a direction.
+# value and gradient.
+#
+# The per-entry clip (TRACE.md: "each per-vocabulary-entry term clipped at 0.05") is implemented as a
+# per-TOKEN scale: loss = s·Σ_v t_v with s = min(1, c / max_v t_v), s detached (entry_clip_scale).
+#   * every entry's contribution s·t_v is ≤ c, the bound the paper's wording asks for, and the loss
+#     is ≥ 0 (clamping the raw a_v·log(a_v/b_v) to [−c, c] can make the sum negative and turn
+#     "minimise the KL" into "push the distributions apart", §8 pitfall);
+#   * the gradient is s·∇KL, a positive multiple of the KL gradient: always a descent direction.
+#     Clamping each Bregman term, min(t_v, c), is NOT: an entry at the cap drops out of the gradient
+#     while the softmax couples all entries, so in logit space the remaining terms can push mass
+#     the wrong way (student logits [3, 0, 0, −3], teacher [0, 0, 0, 3]: ∇KL = [0.864, 0.002, 0.002,
+#     −0.868], the clamped gradient [−0.0034, 0.0017, 0.0017, 0], which raises the token the student
+#     already over-allocates; 20–70 % of random peaky rows point uphill, tests/test_losses.py).
+# This reading of the paper's clip is ours (?): it bounds the same per-entry quantity, but by
+# shrinking the whole token's KL instead of cutting single entries.
 #
 # Top-K restricts the categories to a support of K token ids (indices picked without gradient):
 # FKL uses the TEACHER's top-K (where q has mass), RKL the STUDENT's top-K (where p has mass; the
@@ -251,11 +263,16 @@ DIVERGENCES = {"fkl": fkl_terms, "rkl": rkl_terms, "jsd": jsd_terms}
 TOP_K_SUPPORT = {"fkl": "teacher", "rkl": "student", "jsd": "student"}
 
 
-def append_tail_bucket(topk_logp: Tensor) -> Tensor:
-    """[N, K] log-probs of K categories → [N, K+1] with log(1 − Σ exp) appended as the tail."""
-    # clamp: when the top-K holds (numerically) all the mass, log(0) would give −inf; keep ~1e-7 tail
-    log_mass = torch.logsumexp(topk_logp, dim=-1, keepdim=True).clamp(max=-1e-7)
-    return torch.cat([topk_logp, torch.log(-torch.expm1(log_mass))], dim=-1)
+def with_tail_bucket(logp: Tensor, ids: Tensor) -> Tensor:
+    """[N, V] log-probs → [N, K+1]: the K categories ``ids`` plus one tail bucket holding the rest.
+
+    The tail's log-mass is a logsumexp over the entries OUTSIDE the top-K, not log(1 − Σ_topK): when
+    the top-K holds almost all the mass, 1 − Σ_topK cancels catastrophically in float32 (a tail of
+    1e-12 comes out as 0 or ~1e-7, an error of several nats in the tail's KL term). Floored at
+    LOGP_FLOOR so that K = V (an empty tail) gives a zero term instead of 0·(−inf) = NaN.
+    """
+    tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp(min=LOGP_FLOOR)
+    return torch.cat([logp.gather(-1, ids), tail], dim=-1)
 
 
 def restrict_to_top_k(
@@ -264,10 +281,9 @@ def restrict_to_top_k(
     """Both [N, V] log-prob tensors restricted to the top-K ids of `support` ('teacher' | 'student')."""
     reference = {"teacher": teacher_logp, "student": student_logp}[support]
     ids = reference.detach().topk(min(top_k, reference.shape[-1]), dim=-1).indices
-    student_k, teacher_k = student_logp.gather(-1, ids), teacher_logp.gather(-1, ids)
     if tail_bucket:
-        return append_tail_bucket(student_k), append_tail_bucket(teacher_k)
-    return student_k.log_softmax(-1), teacher_k.log_softmax(-1)
+        return with_tail_bucket(student_logp, ids), with_tail_bucket(teacher_logp, ids)
+    return student_logp.gather(-1, ids).log_softmax(-1), teacher_logp.gather(-1, ids).log_softmax(-1)
 
 
 def divergence_terms(
@@ -305,11 +321,19 @@ def routed_divergence(
     support: str | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Divergence per routed position, [N]: Σ_v min(t_v, entry_clip) (entry_clip=None: no clip)."""
+    """Divergence per routed position, [N]: s·Σ_v t_v with s = entry_clip_scale (entry_clip=None: s = 1)."""
     terms = divergence_terms(student_logits, teacher_logits, kind, top_k, tail_bucket, beta, support, temperature)
+    divergence = terms.sum(-1)
     if entry_clip is not None:
-        terms = terms.clamp(max=entry_clip)
-    return terms.sum(-1)
+        divergence = divergence * entry_clip_scale(terms, entry_clip)
+    return divergence
+
+
+def entry_clip_scale(terms: Tensor, entry_clip: float) -> Tensor:
+    """s = min(1, c / max_v t_v) per position, detached: scaling the position's whole KL by s caps every
+    entry's contribution at c while keeping the gradient a positive multiple of ∇KL (see above)."""
+    largest = terms.detach().amax(-1)
+    return torch.where(largest > entry_clip, entry_clip / largest.clamp(min=entry_clip), 1.0)
 
 
 def _chunk_slices(n: int, chunk_size: int) -> list[slice]:

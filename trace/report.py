@@ -34,14 +34,17 @@ def _policy_method_seed(policy: str) -> tuple[str, int | None]:
     return method, int(seed)
 
 
-def aggregate(cfg: dict, results: Path, out_dir: Path) -> None:
+def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_dir: Path) -> None:
+    """Exactly the given per-run files (the rule's declared inputs) -> two CSVs; nothing is globbed,
+    so results of runs or seeds no longer in the config never reach a table."""
     benchmarks = cfg["benchmarks"]
     eval_rows = []
-    for path in sorted((results / "eval").glob("*/*/*.json")):
+    for path in eval_files:
         model, policy, benchmark = path.parts[-3], path.parts[-2], path.stem
         if benchmark not in benchmarks:
-            continue
-        result = json.loads(path.read_text())
+            raise ValueError(f"evaluation file {path}: benchmark {benchmark!r} is not in eval.benchmarks "
+                             f"{sorted(benchmarks)}")
+        result = json.loads(_existing(path).read_text())
         method, seed = _policy_method_seed(policy)
         low, high = result["ci95_avg_at_k"]
         eval_rows.append({"model": model, "method": method, "seed": seed, "benchmark": benchmark,
@@ -49,11 +52,11 @@ def aggregate(cfg: dict, results: Path, out_dir: Path) -> None:
                           "avg_at_k": 100 * result["avg_at_k"], "ci_low": 100 * low, "ci_high": 100 * high,
                           "pass_at_1": 100 * result["pass_at_k"]["1"]})
     if not eval_rows:
-        raise FileNotFoundError(f"no evaluation results under {results / 'eval'} for benchmarks {list(benchmarks)}")
+        raise FileNotFoundError(f"no evaluation results given (--evals) for benchmarks {list(benchmarks)}")
     curve_rows, map_rows = [], []
-    for path in sorted((results / "train").glob("*/*/seed*/metrics.jsonl")):
+    for path in metrics_files:
         model, method, seed = path.parts[-4], path.parts[-3], int(path.parts[-2].removeprefix("seed"))
-        for line in path.read_text().splitlines():
+        for line in _existing(path).read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 curve_rows.append({"model": model, "method": method, "seed": seed, "step": row["step"],
@@ -67,6 +70,12 @@ def aggregate(cfg: dict, results: Path, out_dir: Path) -> None:
     pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *CURVE_COLUMNS]).to_csv(
         out_dir / "training_curves.csv", index=False)
     pd.DataFrame(map_rows, columns=MAP_COLUMNS).to_csv(out_dir / "credit_maps.csv", index=False)
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"declared input {path} does not exist")
+    return path
 
 
 def main_table(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

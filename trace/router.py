@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from trace.annotate.contract import coverage_budget as exact_budget
+
 
 class Corner(NamedTuple):
     mu_E: float  # weight of RKL = KL(p‖q) on error spans
@@ -50,13 +52,17 @@ class RoutedMasks:
 
 
 def coverage_budget(mask: Tensor, alpha: float) -> Tensor:
-    """floor(α·|y|) per sequence, [B] long. The 1e-9 guards float products like 0.29·100 = 28.999…"""
-    return torch.floor(mask.sum(-1).double() * alpha + 1e-9).long()
+    """floor(α·|y|) per sequence, [B] long, with |y| = the response mask's token count (end-of-turn
+    token included). The ONE definition is trace.annotate.contract.coverage_budget (exact for a
+    decimal α); the annotator's own cap uses it on the same |y|."""
+    lengths = mask.sum(-1).tolist()
+    return torch.tensor([exact_budget(int(n), alpha) for n in lengths], dtype=torch.long, device=mask.device)
 
 
 def cap_span_coverage(span: Tensor, mask: Tensor, alpha: float) -> Tensor:
     """Keep the EARLIEST span tokens of each sequence, at most floor(α·|y|) of them (deterministic;
-    a span crossing the budget is truncated, later spans are dropped).
+    a span crossing the budget is truncated, later spans are dropped). The same rule as
+    trace.annotate.contract.cap_coverage, on tensors (tests/test_router.py checks they agree).
     """
     span = span.bool() & mask.bool()
     rank_in_span = torch.cumsum(span.long(), dim=-1)  # 1 for the first span token, 2 for the second, …

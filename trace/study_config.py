@@ -99,7 +99,8 @@ def _key(path: Sequence[Any]) -> str:
 
 
 def validate(study: Study, schema_path: Path) -> dict:
-    """Raise StudyConfigError (one line) for the first problem, in document order; return the config."""
+    """Raise StudyConfigError (one line) for the first problem, in document order; return the config
+    with `device: auto` resolved from the study's GPU requests."""
     import jsonschema
 
     schema = yaml.safe_load(Path(schema_path).read_text())
@@ -121,6 +122,7 @@ def validate(study: Study, schema_path: Path) -> dict:
         raise StudyConfigError(f"config key {_key(path)} = {value} (from {study.source_of(path)}): "
                                f"{_short(error)}")
     _check_cross_references(study)
+    _resolve_auto_devices(study)
     return study.config
 
 
@@ -149,3 +151,69 @@ def _check_cross_references(study: Study) -> None:
     if config.get("study") == "paper" and "toy" in config:
         raise StudyConfigError(f"config key toy (from {study.source_of(['toy'])}): the paper study has no toy "
                                f"world; remove the key (did an override file add it?)")
+
+
+# ---- What each job asks its executor for ------------------------------------------------------------
+# A study's `resources:` section says what a rule's jobs NEED (cpus, mem_mb, runtime in minutes, gpus);
+# profiles/slurm/cluster.yaml says WHERE they go on your cluster (partitions, account, GPU type). Rules
+# pass `**job_resources(config, "<rule>", REPO)`; a rule the study does not list gets the executor's
+# defaults (the profile's default-resources). Only the SLURM executor reads the slurm_* names.
+CLUSTER_FILE = "profiles/slurm/cluster.yaml"
+CLUSTER_KEYS = ("account", "cpu_partition", "gpu_partition", "gpu_model")
+
+
+def cluster_settings(repo: Path) -> dict:
+    """profiles/slurm/cluster.yaml: the one file a cluster user edits (null = the cluster's default)."""
+    path = Path(repo) / CLUSTER_FILE
+    settings = read_yaml(path) if path.exists() else {}
+    for key, value in settings.items():
+        if key not in CLUSTER_KEYS:
+            raise StudyConfigError(f"{path}: unknown key {key}; known keys: {', '.join(CLUSTER_KEYS)}")
+        if value is not None and not (isinstance(value, str) and value.strip() and "'" not in value
+                                      and '"' not in value and " " not in value):
+            raise StudyConfigError(f"{path}: {key} = {value!r} must be a name without spaces or quotes, or null")
+    return {key: settings.get(key) for key in CLUSTER_KEYS}
+
+
+def job_resources(config: Mapping, rule: str, repo: Path) -> dict:
+    """Snakemake resources of one rule's jobs: the study's request + where the cluster runs it."""
+    request = (config.get("resources") or {}).get(rule)
+    if not request:
+        return {}
+    cluster = cluster_settings(repo)
+    gpus = request.get("gpus", 0)
+    resources = {"cpus_per_task": request["cpus"], "mem_mb": request["mem_mb"], "runtime": request["runtime"]}
+    partition = cluster["gpu_partition"] if gpus else cluster["cpu_partition"]
+    if partition:
+        resources["slurm_partition"] = partition
+    if cluster["account"]:
+        resources["slurm_account"] = cluster["account"]
+    if gpus:  # the plugin turns gpu (+ gpu_model) into --gpus=[model:]N; never set gres as well
+        resources["gpu"] = gpus
+        if cluster["gpu_model"]:
+            resources["gpu_model"] = cluster["gpu_model"]
+    return resources
+
+
+def _resolve_auto_devices(study: Study) -> None:
+    """`device: auto` becomes cuda or cpu while planning, from the GPUs the rule's jobs request, so a
+    job never discovers after submission that it has (or lacks) a GPU; a contradiction is an error."""
+    config = study.config
+    requests = config.get("resources") or {}
+    for section, rule in (("train", "train"), ("eval", "evaluate")):
+        if rule not in requests or section not in config:
+            continue
+        gpus = requests[rule].get("gpus", 0)
+        device = config[section].get("device", "auto")
+        if device == "auto":
+            config[section]["device"] = "cuda" if gpus else "cpu"
+        elif device == "cuda" and not gpus:
+            path = [section, "device"]
+            raise StudyConfigError(f"config key {_key(path)} = 'cuda' (from {study.source_of(path)}): resources.{rule} "
+                                   f"requests no GPU (gpus: 0, from {study.source_of(['resources', rule])})")
+    if requests.get("evaluate", {}).get("gpus") and "eval" in config:
+        tp, gpus = config["eval"].get("tensor_parallel_size", 1), requests["evaluate"]["gpus"]
+        if config["eval"].get("backend") == "vllm" and tp > gpus:
+            path = ["eval", "tensor_parallel_size"]
+            raise StudyConfigError(f"config key {_key(path)} = {tp} (from {study.source_of(path)}): more than the "
+                                   f"{gpus} GPU(s) resources.evaluate.gpus requests")

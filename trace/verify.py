@@ -16,6 +16,17 @@ Grading rules
   as math-verify requires). A ``$...$`` or ``\\text{...}`` wrapper around the whole answer
   is also tried without it. Boxed answers over ``MAX_ANSWER_CHARS`` characters grade False
   without being parsed.
+* Equations: ``\\boxed{x = 3}`` answers 3, but only when the left side is a bare variable
+  (one letter or a Greek letter, optionally subscripted: ``x``, ``n_1``, ``\\theta``);
+  ``4 = 3``, ``1 + 1 = 3``, ``f(x) = 3`` or ``\\text{wrong} = 3`` grade False (math-verify
+  would compare only the right-hand side). A gold that is itself an equation is compared
+  whole. ``<=``, ``\\geq`` etc. are not equations.
+* Numeric tolerance (our decision, math-verify's default): a decimal matches an exact gold
+  when both agree after rounding to 6 decimal places, so ``3.1415927`` = ``\\pi`` and
+  ``0.333333`` = ``\\frac{1}{3}`` grade True while ``3.14159`` and ``0.3333`` grade False.
+  Seven significant digits of a transcendental value are not a lucky guess, and the
+  eval sets' golds are integers or exact forms, so this only forgives a model that wrote
+  its exact answer as a long decimal.
 * ``kind="mc"``: the gold is a letter (A-J). The model's letter comes from the last
   ``\\boxed{X}`` or, failing that, from the last "answer is X" / "Answer: (X)" phrase. A
   box or phrase that names several letters ("A, B, C, D") yields no letter, so False.
@@ -246,6 +257,26 @@ def _as_plain_integer(latex: str) -> int | None:
     if len(text) > 50 or not _PLAIN_INTEGER.match(text):
         return None
     return int(text.split(".")[0])
+
+
+# "=" that is not part of <=, >=, !=, :=, ==
+_PLAIN_EQUALS = re.compile(r"(?<![<>!:=])=(?!=)")
+_GREEK = ("alpha|beta|gamma|delta|epsilon|varepsilon|zeta|eta|theta|vartheta|iota|kappa|lambda|mu|nu|xi|pi|"
+          "rho|sigma|tau|upsilon|phi|varphi|chi|psi|omega|Gamma|Delta|Theta|Lambda|Xi|Pi|Sigma|Phi|Psi|Omega")
+_BARE_VARIABLE = re.compile(rf"^(?:[A-Za-z]|\\(?:{_GREEK}))(?:_(?:\{{[A-Za-z0-9]+\}}|[A-Za-z0-9]))?$")
+
+
+def _equation_answer(answer: str, gold: str) -> str | None:
+    """The part of ``answer`` to grade: the right side of ``<bare variable> = value``, the
+    answer itself when it is no equation (or the gold is one), None for any other equation."""
+    if _PLAIN_EQUALS.search(_strip_math_delimiters(gold)):
+        return answer
+    sides = _PLAIN_EQUALS.split(_strip_math_delimiters(answer))
+    if len(sides) == 1:
+        return answer
+    if len(sides) == 2 and _BARE_VARIABLE.match(sides[0].strip()) and sides[1].strip():
+        return sides[1].strip()
+    return None
 
 
 def _same_spelling(gold: str, candidates: list[str]) -> bool:
@@ -479,6 +510,9 @@ def _grade_without_math_verify(response: str, gold: str, kind: str):
     if kind == "mc":
         return answer == gold.strip().strip("()").upper()
     if len(answer) > MAX_ANSWER_CHARS:
+        return False
+    answer = _equation_answer(answer, gold)
+    if answer is None:
         return False
     gold_int, answer_int = _as_plain_integer(gold), _as_plain_integer(answer)
     if gold_int is not None and answer_int is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -297,7 +296,7 @@ class PromptedAnnotator:
             return {}
         try:
             return self.cache.get_many(keys)
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a cache fault must never stop training
             logger.warning("annotator cache read failed (%s); asking the backend instead", exc)
             return {}
 
@@ -305,9 +304,12 @@ class PromptedAnnotator:
         if self.cache is None or not entries:
             return
         try:
-            self.cache.put_many(entries, model=str(self.model_identity.get("model", "")))
-        except (sqlite3.Error, OSError) as exc:
+            skipped = self.cache.put_many(entries, model=str(self.model_identity.get("model", "")))
+        except Exception as exc:  # noqa: BLE001 - a cache fault must never stop training
             logger.warning("annotator cache write failed (%s); continuing without caching", exc)
+            return
+        if skipped:
+            logger.warning("annotator cache: %d replies not cached (text not encodable as UTF-8)", skipped)
 
 
 GenerateFn = Callable[[list[Messages]], Sequence["str | Completion"]]

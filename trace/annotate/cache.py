@@ -24,7 +24,8 @@ def cache_key(model_identity: Mapping[str, Any], prompt_version: str, messages: 
     """sha256 over a canonical JSON of (model + sampling params, prompt version, messages)."""
     payload = {"model": model_identity, "prompt_version": prompt_version, "messages": list(messages)}
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    # surrogatepass: a lone surrogate in a rollout's text must still give a key, never an error
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,26 @@ class ReplyCache:
                 found.update({k: CachedReply(r, p or 0, c or 0) for k, r, p, c in rows})
         return found
 
-    def put_many(self, entries: Mapping[str, CachedReply], model: str = "") -> None:
-        if not entries:
-            return
-        now = time.time()
-        with closing(self._connect()) as conn, conn:   # one transaction: all or nothing
-            conn.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
-                             [(k, e.text, e.prompt_tokens, e.completion_tokens, model, now)
-                              for k, e in entries.items()])
+    def put_many(self, entries: Mapping[str, CachedReply], model: str = "") -> int:
+        """Store the replies; returns how many were NOT stored because SQLite cannot hold their text
+        (not encodable as UTF-8, e.g. a lone surrogate): those are asked again next time."""
+        rows = [(k, e.text, e.prompt_tokens, e.completion_tokens, model) for k, e in entries.items()
+                if _utf8_encodable(e.text)]
+        if rows:
+            now = time.time()
+            with closing(self._connect()) as conn, conn:   # one transaction: all or nothing
+                conn.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(*row, now) for row in rows])
+        return len(entries) - len(rows)
 
     def __len__(self) -> int:
         with closing(self._connect()) as conn:
             return conn.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import collections
 import difflib
 import enum
 import json
@@ -258,53 +259,127 @@ def _failed(reason: str, repairs: Sequence[str] = ()) -> ParseResult:
 
 
 MAX_REPLY_CHARS = 200_000   # longer replies are rejected rather than scanned
-MAX_JSON_CANDIDATES = 64    # bounds the work spent on replies full of stray braces ...
-MAX_SCAN_STEPS = 2_000_000  # ... and on unclosed ones (each restart rescans the tail)
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
+MAX_JSON_CANDIDATES = 64    # the LAST this many {...} candidates are tried (bounds replies full of stray braces) ...
+REPLY_BUDGET = 300_000      # ... and all scanning + loading of one reply together (see _Budget)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 _JSON_LITERALS = {"true": "True", "false": "False", "null": "None"}
-_INT_TEXT = re.compile(r"\s*[+-]?\d{1,9}\s*")
-_RANGE_TEXT = re.compile(r"\s*\[?\s*([+-]?\d{1,9})\s*(?:-|–|—|,|\.\.|to)\s*([+-]?\d{1,9})\s*\]?\s*")
+_INT_TEXT = re.compile(r"[+-]?\d{1,9}")
+# applied to a STRIPPED string: no two adjacent optional whitespace runs, so matching is linear
+_RANGE_TEXT = re.compile(r"\[?([+-]?\d{1,9})\s*(?:-|–|—|,|\.\.|to)\s*([+-]?\d{1,9})\]?")
 _SPAN_KEYS = {"key_spans": "key", "error_spans": "error", "spans": None}
+_SCAN_STOP = re.compile(r"[{}\"']")   # the only characters the brace scanner acts on outside quotes
+MAX_LABEL_CHARS = 100       # a longer "label" is not a label (and would make difflib slow)
 
 
-def _balanced_objects(text: str) -> list[str]:
+class _Budget:
+    """Work units left for ONE reply, shared by every step that parses it (brace scanning, JSON /
+    literal loading, nested searches). Each step costs at most ~its input length, so a reply
+    costs O(REPLY_BUDGET) in total, whatever it contains; an exhausted budget fails the reply."""
+
+    def __init__(self, units: int = REPLY_BUDGET):
+        self.left = units
+
+    def spend(self, units: int) -> bool:
+        self.left -= units
+        return self.left >= 0
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
+def _strip_think_blocks(text: str) -> str:
+    """``text`` without ``<think>...</think>`` blocks (non-greedy, like re.sub with .*?), in one pass."""
+    pieces, at = [], 0
+    while (open_at := text.find(THINK_OPEN, at)) != -1:
+        close_at = text.find(THINK_CLOSE, open_at + len(THINK_OPEN))
+        if close_at == -1:   # no later <think> can be closed either
+            break
+        pieces.append(text[at:open_at])
+        at = close_at + len(THINK_CLOSE)
+    pieces.append(text[at:])
+    return "".join(pieces)
+
+
+def _fenced_blocks(text: str) -> list[str]:
+    """Contents of markdown code fences (```json ... ```), in one pass: an opening fence, an
+    optional ``json`` info string on its line, then everything up to the next ```."""
+    blocks, at = [], 0
+    while (open_at := text.find("```", at)) != -1:
+        start = open_at + 3
+        header_end = text.find("\n", start)
+        header = text[start:header_end if header_end != -1 else len(text)]
+        if header.strip() in ("", "json", "JSON"):
+            start = header_end + 1 if header_end != -1 else len(text)
+        else:   # content on the fence line itself: ```{"key_spans": ...}```
+            start += len(header) - len(header.lstrip(" \t"))
+            if header.lstrip(" \t")[:4] in ("json", "JSON"):
+                start += 4
+        close_at = text.find("```", start)
+        if close_at == -1:
+            break
+        blocks.append(text[start:close_at])
+        at = close_at + 3
+    return blocks
+
+
+def _balanced_objects(text: str, budget: _Budget) -> list[str]:
     """Top-level ``{...}`` substrings, respecting quoted strings ('...' or "..."); an unclosed
-    brace is skipped so that a stray '{' in prose does not swallow the real object after it."""
-    found, i, steps = [], text.find("{"), 0
-    while i != -1 and len(found) < MAX_JSON_CANDIDATES and steps < MAX_SCAN_STEPS:
-        depth, quote, escaped, j = 0, None, False, i
+    brace is skipped so that a stray '{' in prose does not swallow the real object after it.
+    Each character scanned (also on a rescan after an unclosed brace) costs one budget unit; only the
+    last MAX_JSON_CANDIDATES objects are kept (a model that drafts and corrects itself ends with its answer)."""
+    found, i = collections.deque(maxlen=MAX_JSON_CANDIDATES), text.find("{")
+    while i != -1:
+        depth, quote, j, end = 0, None, i, None
         while j < len(text):
-            steps += 1
-            ch = text[j]
-            if quote:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == quote:
-                    quote = None
-            elif ch in "\"'":
+            if quote:   # jump to the closing quote, honouring backslash escapes
+                k = j
+                while True:
+                    k = text.find(quote, k)
+                    if k == -1:
+                        break
+                    p = k   # an even run of backslashes before the quote escapes nothing
+                    while p > j and text[p - 1] == "\\":
+                        p -= 1
+                    if (k - p) % 2 == 0:
+                        break
+                    k += 1
+                if k == -1:
+                    j = len(text)
+                    break
+                j, quote = k + 1, None
+                continue
+            m = _SCAN_STOP.search(text, j)
+            if m is None:
+                j = len(text)
+                break
+            j, ch = m.start(), m.group()
+            if ch in "\"'":
                 quote = ch
             elif ch == "{":
                 depth += 1
-            elif ch == "}":
+            else:
                 depth -= 1
                 if depth == 0:
+                    end = j
                     break
             j += 1
-        if depth == 0 and j < len(text):
-            found.append(text[i:j + 1])
-            i = text.find("{", j + 1)
+        if not budget.spend(j - i + 1):
+            raise _OutOfBudget
+        if end is not None:
+            found.append(text[i:end + 1])
+            i = text.find("{", end + 1)
         else:
             i = text.find("{", i + 1)
-    return found
+    return list(found)
 
 
-def _load_literal(candidate: str) -> tuple[Any, str | None]:
+def _load_literal(candidate: str, budget: _Budget) -> tuple[Any, str | None]:
     """Parse one JSON-ish value: strict JSON, then JSON without trailing commas, then a Python
-    literal (single quotes, True/None). Returns (value or None, name of the repair used or None)."""
+    literal (single quotes, True/None). Returns (value or None, name of the repair used or None).
+    Costs 3 budget units per character (one per attempt, each linear in the text)."""
+    if not budget.spend(3 * len(candidate)):
+        raise _OutOfBudget
     attempts = (
         (None, lambda s: json.loads(s)),
         ("removed trailing commas", lambda s: json.loads(_TRAILING_COMMA.sub(r"\1", s))),
@@ -325,24 +400,24 @@ def _is_annotation(obj: Any) -> bool:
     return isinstance(obj, dict) and any(_norm_key(k) in _SPAN_KEYS or _norm_key(k) == "label" for k in obj)
 
 
-def _find_annotation(source: str, depth: int = 0) -> tuple[dict | None, str, str | None]:
+def _find_annotation(source: str, budget: _Budget, depth: int = 0) -> tuple[dict | None, str, str | None]:
     """(object, its source text, load repair) for the LAST annotation-like object in ``source``
     (a model that drafts and then corrects itself ends with its answer). An object that does not
     load or lacks the fields is searched for a nested one, e.g. {"annotation": {...}}."""
-    for candidate in reversed(_balanced_objects(source)):
-        obj, repair = _load_literal(candidate)
+    for candidate in reversed(_balanced_objects(source, budget)):
+        obj, repair = _load_literal(candidate, budget)
         if _is_annotation(obj):
             return obj, candidate, repair
         if depth < 2:
-            inner, inner_text, inner_repair = _find_annotation(candidate[1:-1], depth + 1)
+            inner, inner_text, inner_repair = _find_annotation(candidate[1:-1], budget, depth + 1)
             if inner is not None:
                 return inner, inner_text, inner_repair
     return None, "", None
 
 
-def _extract_object(reply: str) -> tuple[dict | None, list[str]]:
+def _extract_object(reply: str, budget: _Budget) -> tuple[dict | None, list[str]]:
     """The annotation object in a reply, plus the syntax repairs that were needed to get it."""
-    body = _THINK_BLOCK.sub("", reply)
+    body = _strip_think_blocks(reply)
     if THINK_CLOSE in body:                       # reasoning whose opening tag was in the prompt
         body = body.rsplit(THINK_CLOSE, 1)[1]
     body = body.strip()
@@ -352,10 +427,10 @@ def _extract_object(reply: str) -> tuple[dict | None, list[str]]:
             return obj, []
     except Exception:  # noqa: BLE001
         pass
-    fenced = [m.group(1) for m in _FENCE.finditer(body)]
+    fenced = _fenced_blocks(body)
     sources = [(f, "removed markdown code fence") for f in fenced] + [(body, "ignored text around the JSON object")]
     for source, where in sources:
-        obj, text, repair = _find_annotation(source)
+        obj, text, repair = _find_annotation(source, budget)
         if obj is not None:
             repairs = [] if text.strip() == body else [where]
             return obj, repairs + ([repair] if repair else [])
@@ -374,8 +449,8 @@ def _as_int(value: Any) -> int | None:
         return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
-        return int(value)
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
     return None
 
 
@@ -386,7 +461,7 @@ def _as_pair(item: Any) -> tuple[tuple[int, int] | None, str | None]:
         return (single, single), ("single index instead of a [first, last] pair" if isinstance(item, int)
                                   else "index given as text or float")
     if isinstance(item, str):
-        m = _RANGE_TEXT.fullmatch(item)
+        m = _RANGE_TEXT.fullmatch(item.strip())
         return ((int(m.group(1)), int(m.group(2))), "span given as text") if m else (None, None)
     as_dict = isinstance(item, dict)
     if as_dict:
@@ -406,11 +481,11 @@ def _as_pair(item: Any) -> tuple[tuple[int, int] | None, str | None]:
     return None, None
 
 
-def _span_items(value: Any) -> tuple[list[Any] | None, list[str]]:
+def _span_items(value: Any, budget: _Budget) -> tuple[list[Any] | None, list[str]]:
     """The list of span items; a string is read as a JSON/Python list or as "3-5, 7"."""
     repairs = []
     if isinstance(value, str):
-        loaded, _ = _load_literal(value)
+        loaded, _ = _load_literal(value, budget)
         repairs.append("spans given as a string")
         value = loaded if isinstance(loaded, (list, tuple)) else [p for p in re.split(r"[;,]", value) if p.strip()]
     if not isinstance(value, (list, tuple)):
@@ -432,6 +507,8 @@ def _read_label(raw: Any, is_correct: bool) -> tuple[str | None, str | None, lis
     fallback = FALLBACK_KEY_LABEL if is_correct else FALLBACK_ERROR_LABEL
     if not isinstance(raw, str) or not raw.strip():
         return fallback, None, [f"missing label -> {fallback}"]
+    if len(raw) > MAX_LABEL_CHARS:
+        return fallback, None, [f"unknown label {raw[:40]!r}... -> {fallback}"]
     norm = _norm_key(raw).strip("_'\"`.")
     repairs = [] if norm == raw else [f"normalised label {raw[:40]!r}"]
     if norm not in LABELS:
@@ -474,6 +551,8 @@ def parse_annotation(reply_text: Any, n_segments: int, is_correct: bool) -> Pars
     """
     try:
         return _parse(reply_text, n_segments, is_correct)
+    except _OutOfBudget:
+        return _failed(f"unparseable: the reply needs more than {REPLY_BUDGET} parsing steps")
     except Exception as exc:  # noqa: BLE001 - the parser must never take training down
         return _failed(f"parser_error: {type(exc).__name__}")
 
@@ -485,7 +564,8 @@ def _parse(reply_text: Any, n_segments: int, is_correct: bool) -> ParseResult:
         return _failed(f"unparseable: reply longer than {MAX_REPLY_CHARS} characters")
     if n_segments < 1:
         return _failed("invalid: the response has no segments")
-    obj, repairs = _extract_object(reply_text)
+    budget = _Budget()
+    obj, repairs = _extract_object(reply_text, budget)
     if obj is None:
         return _failed("unparseable: no JSON object with a spans or label field")
     fields = {_norm_key(k): v for k, v in obj.items()}
@@ -504,7 +584,7 @@ def _parse(reply_text: Any, n_segments: int, is_correct: bool) -> ParseResult:
     if label_error:
         return _failed(label_error, repairs)
 
-    items, item_repairs = _span_items(span_value)
+    items, item_repairs = _span_items(span_value, budget)
     repairs += item_repairs
     if items is None:
         return _failed(f"invalid: spans must be a list, got {type(span_value).__name__}", repairs)

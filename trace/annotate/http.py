@@ -2,7 +2,10 @@
 
 Stdlib only (urllib + a thread pool). Per prompt: POST {base_url}/chat/completions, retried with
 exponential backoff and jitter on 429, 5xx, timeouts and connection errors (a Retry-After header
-is honoured, up to ``max_retry_after_s``); other 4xx are not retried. The API key is read from
+is honoured, up to ``max_retry_after_s``); other 4xx are not retried. Redirects are never followed
+(urllib would resend the Authorization header to whatever origin a 3xx names, and take that
+server's reply as the annotation): a 3xx fails the prompt with reason ``redirect`` naming the target,
+so set ``base_url`` to the final endpoint. The API key is read from
 the environment variable NAMED by ``api_key_env`` and is redacted from every error, reply, log
 line and result this module produces; the cache key never contains it.
 """
@@ -16,6 +19,7 @@ import os
 import random
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
@@ -96,6 +100,21 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: the 3xx surfaces as an HTTPError and no second request is made."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 class _Attempt(NamedTuple):
@@ -190,9 +209,13 @@ class HttpAnnotator(PromptedAnnotator):
             headers["Authorization"] = f"Bearer {self._api_key.value}"
         request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _OPENER.open(request, timeout=timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                target = _origin(urllib.parse.urljoin(self._url, exc.headers.get("Location") or ""))
+                return _Attempt(error=f"redirect: HTTP {exc.code} to {self._redact(target)[:200]} not followed "
+                                      "(credentials are never sent on; set base_url to the final endpoint)")
             detail = self._redact(_body_snippet(exc))
             return _Attempt(error=f"http_{exc.code}: {detail}", retryable=exc.code == 429 or exc.code >= 500,
                             retry_after=parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None))

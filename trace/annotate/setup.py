@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from trace.methods import get_method
+from trace.rollout import rollout_settings
 
 from .factory import build_annotator
 from .toy_oracle import ToyOracleAnnotator
@@ -64,11 +65,14 @@ def _http_annotator(ann: dict, common: dict):
     return build_annotator({"backend": "http", **common, "cache_dir": ann.get("cache_dir"), "http": ann["http"]})
 
 
-def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None):
+def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None, engine=None):
     """None for methods that route without annotations; otherwise the configured tier.
 
     ``policy`` (and optionally its ``tokenizer``) is the live training policy, required by the
-    self tier; the Trainer passes it. Static and frozen annotators load their own frozen copy.
+    self tier; the Trainer passes it, and its rollout ``engine``, through which the prompted self
+    tier decodes. Static and frozen annotators load their own frozen copy; with
+    ``train.rollout.engine: vllm`` (prompted) the static tier gets its own frozen vLLM engine and
+    the frozen tier a vLLM server started for ``annotator.model`` (trace/rollout/server.py).
     """
     if not get_method(cfg["method"]).needs_annotation:
         return None
@@ -101,6 +105,7 @@ def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None):
 
     # the annotator network and where it comes from
     source = None
+    vllm = rollout_settings(cfg)["engine"] == "vllm"
     if tier == "self":
         if policy is None:
             raise ValueError("annotator.tier 'self' annotates with the live training policy: pass policy= "
@@ -115,6 +120,12 @@ def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None):
             return _http_annotator(ann, common)
         raise ValueError("annotator.tier 'frozen' needs annotator.model (a local model folder, e.g. the toy-large "
                          "base or Qwen3-32B)" + ("" if mode == "likelihood" else " or annotator.http (a served model)"))
+    elif mode == "prompted" and vllm:
+        from transformers import AutoTokenizer
+
+        # decoded by vLLM (its own engine, or a server): no Hugging Face copy in the training process
+        source = Path(ann["model"]) if tier == "frozen" else Path(base_model)
+        model, tokenizer = None, AutoTokenizer.from_pretrained(source)
     else:
         from .local import load_frozen_model
 
@@ -133,17 +144,53 @@ def annotator_for(cfg: dict, base_model: Path, policy=None, tokenizer=None):
 
     from .backends import CallableAnnotator
     from .cache import ReplyCache
-    from .local import HFChatGenerate, weights_fingerprint
+    from .local import ChatGenerate, weights_fingerprint
 
     settings = _section(ann, "prompted", PROMPTED_KEYS)
     settings.setdefault("max_new_tokens", 512)
     settings.setdefault("do_sample", False)
     settings.setdefault("thinking", thinking)
-    generate = HFChatGenerate(model, tokenizer, batch_size=batch_size, sampling=cfg.get("sampling"), **settings)
     identity = None
     if ann.get("cache_dir"):
         identity = {"model": str(source), "weights": weights_fingerprint(source), "tier": tier, **settings}
         if settings["do_sample"]:
             identity["sampling"] = {k: cfg["sampling"][k] for k in ("temperature", "top_p", "top_k")}
-    return CallableAnnotator(generate, cache=ReplyCache(ann["cache_dir"]) if identity else None,
-                             model_identity=identity, **common)
+    cache = ReplyCache(ann["cache_dir"]) if identity else None
+    if tier == "frozen" and vllm:
+        return _served_annotator(cfg, ann, source, settings, identity, cache, common)
+    if tier == "static" and vllm:   # a frozen copy: its own engine on the base folder, never synced
+        import tempfile
+
+        from trace.rollout import build_engine
+
+        engine = build_engine(cfg, tokenizer, source, Path(tempfile.mkdtemp(prefix="trace_vllm_")))
+    elif tier != "self":
+        engine = None               # a Hugging Face engine on the frozen model
+    generate = ChatGenerate(model, tokenizer, engine=engine, batch_size=batch_size, sampling=cfg.get("sampling"),
+                            **settings)
+    return CallableAnnotator(generate, cache=cache, model_identity=identity, **common)
+
+
+def _served_annotator(cfg: dict, ann: dict, source: Path, settings: dict, identity, cache, common: dict):
+    """The frozen tier at scale: a vLLM server for ``annotator.model`` that this job starts (and
+    stops with the annotator), asked through the HTTP backend with the prompted tier's decoding."""
+    import tempfile
+
+    from trace.rollout.server import VLLMServer, server_settings
+
+    from .http import HttpAnnotator, HttpAnnotatorConfig
+
+    sampling = cfg["sampling"]
+    decoding = (dict(temperature=sampling["temperature"], top_p=sampling["top_p"]) if settings["do_sample"]
+                else dict(temperature=0.0))
+    extra = {"chat_template_kwargs": {"enable_thinking": settings["thinking"]}}
+    if settings["do_sample"] and sampling.get("top_k"):
+        extra["top_k"] = sampling["top_k"]
+    server = VLLMServer(source, server_settings(rollout_settings(cfg)["annotator_server"], cfg.get("dtype", "float32")),
+                        Path(tempfile.mkdtemp(prefix="trace_vllm_server_")), seed=int(cfg.get("seed", 0)))
+    http = {**(ann.get("http") or {}), "base_url": server.base_url, "model": server.name,
+            "max_tokens": settings["max_new_tokens"], "extra_body": extra, **decoding}
+    annotator = HttpAnnotator(HttpAnnotatorConfig.from_mapping(http), cache=cache,
+                              model_identity=identity or {"model": str(source), "tier": "frozen", **settings}, **common)
+    annotator.server = server  # lives, and is stopped, with its annotator (or at exit)
+    return annotator

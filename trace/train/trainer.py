@@ -1,7 +1,7 @@
 """The training loop: one optimizer step of GRPO / TRACE / the self-distillation baselines.
 
 Read ``train_step`` top to bottom; each paper concept is one named thing:
-  rollouts  -> trace.train.rollout.HFRolloutEngine
+  rollouts  -> trace.rollout (engines: Hugging Face generate, or vLLM colocated; train.rollout)
   reward    -> trace.verify.grade_many (the same grader as evaluation)
   span annotator -> trace.annotate.setup.annotator_for (tiers: toy oracle, API, self, frozen, static)
   router    -> trace.router.build_routed_masks
@@ -14,10 +14,12 @@ Read ``train_step`` top to bottom; each paper concept is one named thing:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -32,11 +34,12 @@ from trace.annotate.offsets import completion_text_and_offsets
 from trace.evaluation.metrics import avg_at_k, bootstrap_ci, per_problem_accuracy
 from trace.methods import MethodSpec, get_method
 from trace.prompting import render_prompt
+from trace.rollout import RolloutBatch, build_engine
 from trace.router import CORNERS, RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
+from trace.train.distributed import Distributed, rollout_options, token_budget_plan, trim_micro_batch
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
 from trace.train.probe import probe_after_update, probe_before_update
-from trace.train.rollout import HFRolloutEngine, RolloutBatch
 from trace.train.teacher import Teacher, teacher_prompt
 from trace.verify import grade_many
 
@@ -56,11 +59,46 @@ class RunDir:
         self.best = self.work / "best"  # validation.select best: the best-on-validation policy so far
         self.last = self.work / "last"  # validation.select best: the last policy (model/ holds the best)
 
+    @property
+    def trainer_state(self) -> Path:
+        return self.checkpoint / "trainer_state.pt"
+
+    def load_trainer_state(self) -> dict:
+        """The checkpoint's trainer state: tensors and plain types only (weights_only=True: a swapped
+        file cannot run code)."""
+        return self.load_checkpoint_part("trainer state",
+                                         lambda: torch.load(self.trainer_state, weights_only=True), self.trainer_state)
+
+    def load_checkpoint_part(self, what: str, load, path: Path):
+        """load(), or one clear line naming the file and what to do (no traceback from a library)."""
+        try:
+            return load()
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unusable checkpoint
+            detail = " ".join(str(exc).split())[:300]
+            raise ValueError(f"checkpoint {what} {path} cannot be loaded ({type(exc).__name__}: {detail}); "
+                             f"delete {self.work} to train this run from step 0") from None
+
 
 def load_records(path: Path, what: str = "training data") -> list[dict]:
     if not Path(path).exists():
         raise FileNotFoundError(f"{what} {path} does not exist (run the data rule first)")
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{what} {path} line {number} is not valid JSON ({exc.msg} at column "
+                                 f"{exc.colno}; a truncated file?): rerun the data rule that writes it") from None
+    return records
+
+
+def require_model_folder(path: Path, what: str) -> None:
+    """A local Hugging Face folder, or one clear error (not the hub's "Repo id must be in the form")."""
+    if not (Path(path) / "config.json").is_file():
+        problem = "does not exist" if not Path(path).exists() else "has no config.json"
+        raise FileNotFoundError(f"{what} folder {path} {problem}: build it first (its Snakemake rule) "
+                                "or fix the path")
 
 
 VALIDATION_DEFAULTS = {"every": 0, "n_problems": None, "k": 4, "sampling": {}, "select": "last"}
@@ -68,32 +106,46 @@ VALIDATION_DEFAULTS = {"every": 0, "n_problems": None, "k": 4, "sampling": {}, "
 
 class Trainer:
     def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None,
-                 val_path: Path | None = None):
+                 val_path: Path | None = None, engine=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        require_model_folder(base_model, "base model (--base)")
         self.cfg, self.run = cfg, RunDir(run_dir)
         self.method: MethodSpec = get_method(cfg["method"])
         self.records = [r for r in load_records(train_path) if r.get("answer") not in (None, "")]
-        self.device = torch.device(cfg.get("device", "cpu") if cfg.get("device", "auto") != "auto"
-                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = Distributed(cfg.get("device", "auto"))  # one plain process unless launched by torchrun
+        self.device = self.dist.device
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.fingerprint = run_fingerprint(cfg, base_model)
         self.start_step = self._resume_step()
-        weights = self.run.checkpoint if self.start_step > 0 else base_model
         dtype = getattr(torch, cfg.get("dtype", "float32"))
-        self.policy = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype).to(self.device)
+        weights = self.run.checkpoint if self.start_step > 0 else base_model
+
+        def load_policy():  # under torchrun: fp32 master weights, then sharded by prepare
+            return AutoModelForCausalLM.from_pretrained(weights, dtype=self.dist.storage_dtype(dtype)).to(self.device)
+
+        policy = (self.run.load_checkpoint_part("weights", load_policy, weights) if self.start_step > 0
+                  else load_policy())
+        self.policy = self.dist.prepare(policy, dtype, cfg.get("activation_checkpointing", False))
         self.policy.config.use_cache = True
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                            weight_decay=cfg["weight_decay"])
-        self.engine = HFRolloutEngine(self.tokenizer, cfg["sampling"])
+        # engine=: an engine built elsewhere (tests share one vLLM engine); it first takes this policy's weights
+        self.engine = engine or build_engine(cfg, self.tokenizer, weights, self.run.work)
+        if engine is not None:
+            engine.sync_weights(self.policy)
         kl = cfg["kl"]
         self.schedule = LambdaSchedule(self.method.schedule, kl["w0"], kl["warmup"], kl["end"])
         self.teacher = None
         if self.method.uses_teacher and self.schedule.teacher_forward_needed(self.start_step):
-            # frozen = the initial student: load the base weights even when resuming
-            source = (AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
-                      if self.method.teacher == "frozen" else self.policy)
+            # frozen = the initial student: load the base weights even when resuming. A sharded policy
+            # cannot be copied: under torchrun the teacher loads the policy's weights file and is sharded too
+            frozen = self.method.teacher == "frozen"
+            source = (AutoModelForCausalLM.from_pretrained(base_model if frozen else weights,
+                                                           dtype=self.dist.storage_dtype(dtype)).to(self.device)
+                      if frozen or self.dist.active else self.policy)
             self.teacher = Teacher(source, self.method.teacher, kl["teacher_sync_every"], kl["ema_rate"])
+            self.teacher.model = self.dist.prepare(self.teacher.model, dtype)
         # mechanism probe steps (train.probe.steps): the same for every method, annotated for every method
         self.probe_steps = {s for s in (cfg.get("probe") or {}).get("steps", []) if s >= self.start_step}
         if annotator is None and ((self.method.needs_annotation and self.teacher is not None) or self.probe_steps):
@@ -102,12 +154,16 @@ class Trainer:
             from trace.annotate.setup import annotator_for
 
             as_trace = cfg if self.method.needs_annotation else {**cfg, "method": "trace_fkl"}
-            annotator = annotator_for(as_trace, base_model, policy=self.policy, tokenizer=self.tokenizer)
+            annotator = annotator_for(as_trace, base_model, policy=self.policy, tokenizer=self.tokenizer,
+                                      engine=self.engine)
             if annotator is None:
                 raise ValueError(f"method {cfg['method']!r} routes on annotated spans: configure an annotator")
         self.annotator = annotator
         self.val_settings, self.val_records = validation_setup(cfg.get("validation") or {}, val_path)
         self.val_best = self._best_so_far()
+        if self.dist.active and (self.val_records or self.probe_steps):
+            raise ValueError("train.validation and train.probe do not run under torchrun yet (train.parallel: more "
+                             "than one process): switch them off for this run")
         if self.start_step > 0:
             self._load_trainer_state()
 
@@ -115,10 +171,9 @@ class Trainer:
     def _resume_step(self) -> int:
         """Where to start: the checkpoint's next step if it belongs to THIS run (same settings and
         base weights; only ``steps`` / ``save_every`` may differ, to extend a run), else 0."""
-        state = self.run.checkpoint / "trainer_state.pt"
-        if not state.exists():
+        if not self.run.trainer_state.exists():
             return 0
-        saved = torch.load(state, weights_only=False)
+        saved = self.run.load_trainer_state()
         if saved.get("fingerprint") != self.fingerprint:
             log.warning("ignoring the checkpoint in %s: it was written with other settings or base weights; "
                         "training from step 0", self.run.checkpoint)
@@ -126,10 +181,13 @@ class Trainer:
         return int(saved["next_step"])
 
     def _load_trainer_state(self) -> None:
-        state = torch.load(self.run.checkpoint / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = self.run.load_trainer_state()
+        self.dist.load_optimizer(self.policy, self.optimizer, self.run.checkpoint, state)
         if self.teacher is not None and state.get("teacher") is not None:
-            self.teacher.model.load_state_dict(state["teacher"])
+            self.dist.load_model_state(self.teacher.model, state["teacher"])
+        self.dist.barrier()  # every rank has read the checkpoint's metrics before rank 0 trims them
+        if not self.dist.is_main:
+            return
         kept = [ln for ln in self.run.live_metrics.read_text().splitlines()
                 if ln.strip() and json.loads(ln)["step"] < self.start_step] if self.run.live_metrics.exists() else []
         self.run.live_metrics.write_text("".join(ln + "\n" for ln in kept))
@@ -138,14 +196,21 @@ class Trainer:
     def _save_checkpoint(self, next_step: int) -> None:
         """Atomic: write beside, then swap, so a kill mid-save keeps the previous checkpoint."""
         tmp = self.run.work / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
-        teacher_state = (self.teacher.model.state_dict()
-                         if self.teacher is not None and self.teacher.mode == "ema" else None)
-        torch.save({"next_step": next_step, "optimizer": self.optimizer.state_dict(), "teacher": teacher_state,
-                    "fingerprint": self.fingerprint}, tmp / "trainer_state.pt")
-        shutil.rmtree(self.run.checkpoint, ignore_errors=True)
-        tmp.rename(self.run.checkpoint)
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.dist.barrier()
+        self.dist.save(self.policy, self.optimizer, tmp)  # under torchrun the optimizer state goes to DCP
+        # synced and EMA teachers differ from the policy between syncs: a resume needs their weights
+        # (frozen = the base weights, reloaded from the base folder)
+        teacher_state = (self.dist.model_state(self.teacher.model)
+                         if self.teacher is not None and self.teacher.mode in ("ema", "synced") else None)
+        if self.dist.is_main:
+            torch.save({"next_step": next_step, "teacher": teacher_state, "fingerprint": self.fingerprint,
+                        "optimizer": None if self.dist.active else self.optimizer.state_dict()},
+                       tmp / "trainer_state.pt")
+            shutil.rmtree(self.run.checkpoint, ignore_errors=True)
+            tmp.rename(self.run.checkpoint)
+        self.dist.barrier()
 
     # ------------------------------------------------------------------ validation (Figs 3/4/7)
     def validation_due(self, step: int) -> bool:
@@ -209,12 +274,14 @@ class Trainer:
         for row, record in enumerate(records):
             length = int(rollouts.completion_mask[row].sum())
             ids = rollouts.completion_ids[row, :length].tolist()
-            if ids and ids[-1] == self.engine.eos_id:
-                ids = ids[:-1]  # the end-of-turn token decodes to text the annotator never sees
-            text, offsets = completion_text_and_offsets(self.tokenizer, ids)
+            eos = bool(ids) and ids[-1] == self.engine.eos_id
+            # the end-of-turn token decodes to text the annotator never sees: a zero-width token (never
+            # marked) that still counts in |y|, so the annotator's cap and the router's are the same
+            text, offsets = completion_text_and_offsets(self.tokenizer, ids[:-1] if eos else ids)
+            offsets = list(offsets) + [(len(text), len(text))] * eos
             requests.append(AnnotationRequest(record["problem"], record.get("solution") or "", text,
                                               bool(correct[row]), offsets))
-            lengths.append(len(ids))
+            lengths.append(length)
         results = self.annotator.annotate(requests)
         for row, (result, length) in enumerate(zip(results, lengths)):
             if result.token_mask is None or result.span_kind is None:
@@ -222,7 +289,7 @@ class Trainer:
             target = key if result.span_kind == "key" else error
             target[row, :length] = torch.tensor(result.token_mask, dtype=torch.bool)
             prefixes[row] = result.teacher_prefix
-        stats = self.annotator.last_call_stats.as_dict()
+        stats = self.dist.merge_stats(self.annotator.last_call_stats).as_dict()  # over all ranks' rollouts
         return key.to(self.device), error.to(self.device), prefixes, stats
 
     def route(self, step, records, rollouts, correct) -> tuple[RoutedMasks, list[str | None], dict]:
@@ -244,10 +311,12 @@ class Trainer:
         torch.manual_seed(cfg["seed"] * 1_000_003 + step)
 
         # 1. rollouts from the current policy, G per prompt
-        prompt_records = self.sample_prompts(step)
+        first, prompt_records = self.dist.share(self.sample_prompts(step))  # this rank's whole groups
         records = [r for r in prompt_records for _ in range(G)]
         prompts = [render_prompt(self.tokenizer, r, cfg["thinking"]) for r in prompt_records]
-        rollouts = self.engine.generate(self.policy, prompts, G)
+        rollouts = self.engine.generate(self.policy, prompts, G,
+                                        **rollout_options(cfg, self.dist, step, first, len(prompts)))
+        self.dist.reshard(self.policy)
         t_rollout = time.time() - started
 
         # 2. verifiable reward and group-normalised advantages
@@ -262,6 +331,7 @@ class Trainer:
         if self.teacher is not None and not teacher_on:
             self.teacher = self.annotator = None  # frees their weights; pure GRPO from here on
         if teacher_on:
+            self.dist.reshard(self.teacher.model)
             self.teacher.update(self.policy, step)
 
         # (probe steps only: annotate and score the rollouts before the update; TRACE.md §7 mechanisms)
@@ -288,37 +358,47 @@ class Trainer:
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for rows in _micro_batches(len(records), cfg["micro_batch_size"]):
-            metrics = self._micro_batch_loss(rows, rollouts, advantages, correct, routed, teacher_prompts,
-                                             lam, step, agg, srpo_weight_mean)
+        plan = (token_budget_plan(rollouts, cfg["micro_batch_tokens"], cfg["micro_batch_size"], self.dist)
+                if cfg.get("micro_batch_tokens") else _micro_batches(len(records), cfg["micro_batch_size"]))
+        for rows in plan:
+            batch = (rows, rollouts, advantages, correct, routed, teacher_prompts)
+            if cfg.get("micro_batch_tokens"):
+                batch = trim_micro_batch(*batch)  # its own padded width: the budget bounds the real work
+            metrics = self._micro_batch_loss(*batch, lam, step, agg, srpo_weight_mean)
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg["grad_clip"])
         self.optimizer.step()
+        self.engine.sync_weights(self.policy)  # the next rollouts (and the self annotator) use the new weights
 
+        sums = self.dist.sum_floats(sums)  # every rank's micro-batches (identity in one process)
         n_tokens = float(counts["global_tokens"])
         row = {
             "step": step,
-            "reward_mean": rewards.mean().item(),
-            "accuracy": correct.float().mean().item(),
+            "reward_mean": self.dist.mean(rewards.mean().item()),
+            "accuracy": self.dist.mean(correct.float().mean().item()),
             "entropy": sums.pop("entropy_sum") / n_tokens,
-            "response_length": n_tokens / len(records),
+            "response_length": n_tokens / (len(records) * self.dist.world_size),
             "clip_frac_high": sums.pop("clipped_high") / n_tokens,
             "clip_frac_low": sums.pop("clipped_low") / n_tokens,
-            "grad_norm": float(grad_norm),
+            "grad_norm": self.dist.grad_norm(grad_norm),
             "loss": sums.pop("loss"),
             "lambda": lam,
             "rho": self.schedule.rho(step) if self.method.objective == "trace" else 1.0,
             "teacher_active": int(teacher_on),
-            "groups_with_signal": float((rewards.view(-1, G).std(dim=1) > 0).float().mean()),
+            "groups_with_signal": self.dist.mean(float((rewards.view(-1, G).std(dim=1) > 0).float().mean())),
             "rollout_s": round(t_rollout, 3),
             "step_s": round(time.time() - started, 3),
         }
         if routed is not None:
-            row.update(tokens_key=float(routed.key.sum()), tokens_error=float(routed.error.sum()),
-                       span_coverage=float((routed.key | routed.error).sum()) / n_tokens)
-        if "teacher_entropy_sum" in sums:  # per routed (distilled) token, not per micro-batch
-            row["teacher_entropy"] = sums.pop("teacher_entropy_sum") / max(sums.pop("teacher_entropy_tokens"), 1.0)
+            row.update(tokens_key=float(self.dist.sum(routed.key.sum())),
+                       tokens_error=float(self.dist.sum(routed.error.sum())),
+                       span_coverage=float(self.dist.sum((routed.key | routed.error).sum())) / n_tokens)
+        for name in [n.removesuffix("_tokens") for n in sums if n.endswith("_tokens")]:
+            # per routed token over the whole batch (teacher entropy, KL per class), not per micro-batch
+            row[name] = sums.pop(f"{name}_sum") / max(sums.pop(f"{name}_tokens"), 1.0)
+        if srpo_weight_mean is not None:  # a global mean: logged once, not summed over micro-batches
+            row["srpo_weight_raw_mean"] = float(srpo_weight_mean)
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
         if probe is not None:
@@ -328,7 +408,7 @@ class Trainer:
     def aggregation(self, mask: torch.Tensor) -> tuple[dict, dict]:
         """Token counts of the WHOLE optimizer batch, and the aggregation arguments built on them
         that every micro-batch's loss is normalised by (never per micro-batch)."""
-        counts = losses.count_normalizers(mask)
+        counts = {name: self.dist.sum(count) for name, count in losses.count_normalizers(mask).items()}  # all ranks
         return counts, dict(agg_mode=self.cfg["agg_mode"], global_tokens=counts["global_tokens"],
                             global_seqs=counts["global_seqs"], max_len=self.cfg["sampling"]["max_new_tokens"])
 
@@ -344,14 +424,14 @@ class Trainer:
         temperature, chunk = self.cfg["sampling"]["temperature"], self.cfg["logprob_chunk"]
         for rows in _micro_batches(len(teacher_prompts), self.cfg["micro_batch_size"]):
             failed = rollouts.completion_mask[rows].bool() & ~correct[rows].bool().unsqueeze(-1)
-            if not failed.any():
+            if not failed.any() and not self.dist.active:  # every rank must run the sharded teacher alike
                 continue
             hidden = self.teacher.hidden_states(self.tokenizer, [teacher_prompts[i] for i in rows],
                                                 rollouts.completion_ids[rows], rollouts.completion_mask[rows])
             entropy = losses.chunked_entropy(hidden[failed], self.teacher.lm_head_weight, chunk, temperature)
             total += torch.exp(-self.cfg["kl"]["srpo_entropy_beta"] * entropy.float()).sum()
             count += int(failed.sum())
-        return total / max(count, 1)
+        return self.dist.sum(total) / max(int(self.dist.sum(torch.tensor(count, device=self.device))), 1)
 
     def _micro_batch_loss(self, rows, rollouts, advantages, correct, routed, teacher_prompts, lam, step,
                           agg, srpo_weight_mean) -> dict[str, float]:
@@ -396,8 +476,11 @@ class Trainer:
             loss, parts = losses.trace_objective(
                 ppo, mask, sub.key, sub.error, fkl, rkl, lam=lam, w0=kl["w0"], mu_E=mu_E, mu_K=mu_K,
                 full_grpo_on_spans_without_kl=kl["full_grpo_on_spans_without_kl"], **agg)
-            metrics.update({f"kl/{k}": float(v) for k, v in parts.items()
-                            if k in ("kl_key_branch", "kl_error_branch", "fkl_key_token_mean", "rkl_error_token_mean")})
+            metrics.update({f"kl/{k}": float(v) for k, v in parts.items() if k in ("kl_key_branch", "kl_error_branch")})
+            for name, values, where in (("fkl_key", fkl, sub.key), ("rkl_error", rkl, sub.error)):
+                # per routed token over the WHOLE batch: sums and counts here, divided in train_step
+                metrics[f"kl/{name}_token_mean_sum"] = 0.0 if values is None else float(values.detach()[where].sum())
+                metrics[f"kl/{name}_token_mean_tokens"] = 0.0 if values is None else float(where.sum())
         elif method.objective == "sdpo" and teacher_hidden is not None:
             jsd = divergence(mask, "jsd", beta=kl["jsd_beta"])
             loss, parts = losses.sdpo_objective(ppo, mask, jsd, distillation_weight=kl["sdpo_distillation_weight"], **agg)
@@ -411,8 +494,7 @@ class Trainer:
             loss, parts = losses.srpo_objective(ppo, mask, jsd, correct[rows], teacher_entropy,
                                                 entropy_beta=kl["srpo_entropy_beta"],
                                                 weight_global_mean=srpo_weight_mean, **agg)
-            metrics.update({"kl/distill": float(parts["distill"]),
-                            "srpo_weight_raw_mean": float(parts["entropy_weight_raw_mean"])})
+            metrics["kl/distill"] = float(parts["distill"])
             if failed.any():
                 metrics.update(teacher_entropy_sum=float(teacher_entropy[failed].sum()),
                                teacher_entropy_tokens=float(failed.sum()))
@@ -436,9 +518,13 @@ class Trainer:
         self.run.work.mkdir(parents=True, exist_ok=True)
         steps = range(self.start_step, cfg["steps"])
         # a fresh start drops rows of an earlier attempt (killed before its first checkpoint)
-        with open(self.run.live_metrics, "a" if self.start_step > 0 else "w") as live:
+        # rank 0 writes the metrics (they are global) and the attempt log
+        attempt = (_attempt_log(self.run, self.start_step, cfg["steps"]) if self.dist.is_main
+                   else contextlib.nullcontext())
+        with attempt, open(self.run.live_metrics if self.dist.is_main else os.devnull,
+                           "a" if self.start_step > 0 else "w") as live:
             for step in tqdm(steps, desc=f"{cfg['method']} seed{cfg['seed']}", initial=self.start_step,
-                             total=cfg["steps"], mininterval=10):
+                             total=cfg["steps"], mininterval=10, disable=not self.dist.is_main):
                 row = self.train_step(step)
                 if self.validation_due(step):
                     row.update(self.validate(step))
@@ -449,18 +535,22 @@ class Trainer:
                 live.flush()
                 log.info("step %d reward %.3f entropy %.3f len %.1f λ %.3f (%.1fs)", step, row["reward_mean"],
                          row["entropy"], row["response_length"], row["lambda"], row["step_s"])
-                if (step + 1) % cfg["save_every"] == 0 and step + 1 < cfg["steps"]:
+                # the final step too: raising train.steps later continues from here, repeating nothing
+                if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"]:
                     self._save_checkpoint(step + 1)
         self._save_output_model()
-        shutil.copyfile(self.run.live_metrics, self.run.metrics)
+        if self.dist.is_main:
+            shutil.copyfile(self.run.live_metrics, self.run.metrics)
+        self.dist.barrier()
         return self.run.model
 
     def _save_output_model(self) -> None:
         """model/ = the last policy, or (validation.select best) the best-on-validation one, with the
         last kept in work/last."""
         if self.val_settings["select"] != "best":
-            self.policy.save_pretrained(self.run.model)
-            self.tokenizer.save_pretrained(self.run.model)
+            self.dist.save(self.policy, None, self.run.model, dtype=getattr(torch, self.cfg.get("dtype", "float32")))
+            if self.dist.is_main:
+                self.tokenizer.save_pretrained(self.run.model)
             return
         shutil.rmtree(self.run.last, ignore_errors=True)
         self.policy.save_pretrained(self.run.last)
@@ -496,11 +586,33 @@ def validation_setup(settings: dict, val_path: Path | None) -> tuple[dict, list[
     return settings, records
 
 
+@contextlib.contextmanager
+def _attempt_log(run: RunDir, start_step: int, steps: int):
+    """While training, the package's log lines also go to work/train.log, APPENDED: a rerun keeps what
+    the killed attempt said (the rule's own log file is rewritten by each job)."""
+    handler = logging.FileHandler(run.work / "train.log", mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("trace")
+    level = package.level
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    log.info("attempt started at step %d of %d (%s)", start_step, steps, run.root)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+        handler.close()
+
+
 def run_fingerprint(cfg: dict, base_model: Path) -> str:
-    """The run's settings (minus the step budget and checkpoint period) and its base weights."""
+    """The run's settings (minus the step budget, checkpoint period and how the job is laid out over
+    processes: a checkpoint resumes under another world size) and its base weights."""
     from trace.annotate.local import weights_fingerprint
 
-    settings = {k: v for k, v in cfg.items() if k not in ("steps", "save_every")}
+    layout = ("steps", "save_every", "parallel", "activation_checkpointing")
+    settings = {k: v for k, v in cfg.items() if k not in layout}
     text = json.dumps(settings, sort_keys=True, default=str) + weights_fingerprint(base_model)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

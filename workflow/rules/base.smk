@@ -12,7 +12,7 @@ if STUDY == "toy":
                                    "tokenizer_vocab": config["toy"]["tokenizer_vocab"]}),
         threads: 1
         resources:
-            runtime=60,
+            **study_config.job_resources(config, "toy_base", REPO),
         log:
             "logs/toy_base/{model}.log",
         shell:
@@ -58,7 +58,7 @@ else:
             model="|".join(re.escape(name) for name in BASE_ENTRIES),
         threads: 1
         resources:
-            runtime=6 * 60,
+            **study_config.job_resources(config, "base_model", REPO),
         log:
             "logs/base_model/{model}.log",
         shell:

@@ -7,6 +7,8 @@ if STUDY == "toy":
             manifest="results/data/toy/manifest.json",
         params:
             cfg=as_arg(config["toy"]),
+        resources:
+            **study_config.job_resources(config, "toy_data", REPO),
         log:
             "logs/toy_data.log",
         shell:
@@ -30,6 +32,8 @@ if config.get("real_data"):
             cfg=as_arg({"mirror_dir": mirror_dir(), "names": config["real_data"]["eval_sets"],
                         "gpqa_seed": config["real_data"]["gpqa_seed"]}),
             out_dir="results/data/real",
+        resources:
+            **study_config.job_resources(config, "benchmark_data", REPO),
         log:
             "logs/benchmark_data.log",
         shell:
@@ -47,6 +51,8 @@ if config.get("real_data"):
                         "val_rows": config["real_data"]["val_rows"], "seed": config["real_data"]["seed"],
                         "source": config["real_data"]["train_source"]}),
             out_dir="results/data/real/train",
+        resources:
+            **study_config.job_resources(config, "train_data", REPO),
         log:
             "logs/train_data.log",
         shell:

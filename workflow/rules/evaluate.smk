@@ -25,8 +25,7 @@ rule evaluate:
         out_dir="results/eval/{model}/{policy}",
     threads: 1
     resources:
-        gpu=lambda wc: 1 if config["eval"]["backend"] == "vllm" else 0,
-        runtime=12 * 60,
+        **study_config.job_resources(config, "evaluate", REPO),
     log:
         "logs/evaluate/{model}/{policy}.log",
     shell:

@@ -8,10 +8,21 @@ rule aggregate:
         curves="results/aggregate/training_curves.csv",
     params:
         cfg=as_arg({"benchmarks": config["eval"]["benchmarks"]}),
+    resources:
+        **study_config.job_resources(config, "aggregate", REPO),
     log:
         "logs/aggregate.log",
     shell:
-        "{PYTHON} -m trace aggregate --cfg {params.cfg} --results results --out-dir results/aggregate > {log} 2>&1"
+        "{PYTHON} -m trace aggregate --cfg {params.cfg} --evals {input.evals} --metrics {input.metrics} --out-dir results/aggregate > {log} 2>&1"
+
+
+def report_settings():
+    settings = {"benchmarks": config["eval"]["benchmarks"], "methods": METHODS, "ablations": ABLATIONS}
+    if STUDY == "paper":  # ours beside the paper's numbers (trace/paper_results.csv)
+        settings["compare_to_paper"] = True
+        settings["paper_models"] = {name: entry["paper_model"] for name, entry in config["models"].items()
+                                    if entry.get("paper_model")}
+    return settings
 
 
 rule report:
@@ -21,11 +32,17 @@ rule report:
     output:
         table_md="results/tables/main_results.md",
         table_csv="results/tables/main_results.csv",
-        curves="results/figures/training_curves.png",
+        mechanism="results/tables/mechanism.md",
+        figures=[f"results/figures/{name}.png" for name in
+                 ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
         ablations=[f"results/{kind}/{name}.{ext}" for name in ("annotator_tiers", "mask_localisation")
                    if ABLATIONS.get(name) for kind, ext in (("tables", "md"), ("figures", "png"))],
+        versus_paper=(["results/tables/main_results_vs_paper.csv", "results/tables/paper_figure_numbers.md"]
+                      if STUDY == "paper" else []),
     params:
-        cfg=as_arg({"benchmarks": config["eval"]["benchmarks"], "methods": METHODS, "ablations": ABLATIONS}),
+        cfg=as_arg(report_settings()),
+    resources:
+        **study_config.job_resources(config, "report", REPO),
     log:
         "logs/report.log",
     shell:

@@ -1,6 +1,20 @@
+launch = _load_by_path("trace_launch", "trace/launch.py")
+TRAIN_LAUNCHER = launch.train_launcher(config["train"], PYTHON)  # python | torchrun | srun + torchrun
+# the job's size and placement from resources.train (cpus, mem, runtime, partition); its shape (nodes,
+# tasks, GPUs per node) from train.parallel, which the launcher follows
+_shape = {key: value for key, value in launch.train_resources(config["train"]).items() if key in ("nodes", "tasks", "gpu")}
+TRAIN_RESOURCES = {**study_config.job_resources(config, "train", REPO), **_shape}
+_requested = (config.get("resources") or {}).get("train", {}).get("gpus", 0)
+if _shape["gpu"] != _requested:
+    raise WorkflowError(f"config error: resources.train.gpus = {_requested} but train.parallel runs {_shape['gpu']} "
+                        f"GPU process(es) per node (train.device {config['train']['device']!r}): make them equal")
+
+
 def train_settings(wildcards):
     method, annotator = method_and_annotator(wildcards.method)
-    settings = {**config["train"], "method": method, "annotator": annotator, "seed": int(wildcards.seed),
+    # `parallel` only shapes the launch (it may change between attempts without rerunning a run)
+    train = {key: value for key, value in config["train"].items() if key != "parallel"}
+    settings = {**train, "method": method, "annotator": annotator, "seed": int(wildcards.seed),
                 "thinking": config["thinking"]}
     if STUDY != "toy":  # trained only on the data source the config asks for (checked against the manifest)
         settings["train_source"] = config["real_data"]["train_source"]
@@ -18,6 +32,7 @@ rule train:
     input:
         base="results/base/{model}",
         data=TRAIN_DATA,
+        val_data=VAL_DATA,
         annotator_model=annotator_model,
     output:
         model=directory("results/train/{model}/{method}/seed{seed}/model"),
@@ -27,10 +42,9 @@ rule train:
         run_dir="results/train/{model}/{method}/seed{seed}",
     threads: 1
     resources:
-        gpu=lambda wc: 1 if config["train"]["device"] == "cuda" else 0,
-        runtime=24 * 60,
+        **TRAIN_RESOURCES,
     log:
         "logs/train/{model}/{method}/seed{seed}.log",
     shell:
-        "{PYTHON} -m trace train --cfg {params.cfg} --base {input.base} --train-data {input.data}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        "{TRAIN_LAUNCHER} -m trace train --cfg {params.cfg} --base {input.base} --train-data {input.data}"
+        " --val-data {input.val_data} --run-dir {params.run_dir} > {log} 2>&1"

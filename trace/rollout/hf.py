@@ -1,0 +1,82 @@
+"""The Hugging Face engine: ``model.generate`` on the live policy object (toy world, tests, small GPUs).
+
+It samples from the very network it is given, so it follows every optimizer step by itself
+(``sync_weights`` has nothing to do).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .batch import RolloutBatch, completion_mask_from_ids
+
+
+class HFRolloutEngine:
+    def __init__(self, tokenizer, sampling: Mapping):
+        self.tokenizer = tokenizer
+        self.sampling = dict(sampling)
+        self.eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[str], n: int, sampling: Mapping | None = None,
+                 row_seeds: list[int] | None = None, synced: bool = False) -> RolloutBatch:
+        """n samples for each prompt, grouped: rows [i*n, (i+1)*n) belong to prompt i.
+
+        ``sampling`` overrides the engine's settings for this call (the prompted annotator tiers).
+        row_seeds: one seed per row; each row then samples from its own generator, so its tokens do not
+        depend on which rows share the batch (a rank's share reproduces the one-process rollouts).
+        synced: keep every rank stepping until all are done (sharded weights are gathered per forward).
+        """
+        s = {**self.sampling, **(sampling or {})}
+        repeated = [p for p in prompts for _ in range(n)]
+        enc = self.tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False,
+                             padding_side="left").to(model.device)
+        was_training = model.training
+        model.eval()
+        # sampling {"do_sample": False} decodes greedily (the prompted annotator tiers' default)
+        do_sample = s.get("do_sample", True)
+        decoding = dict(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"]) if do_sample else {}
+        if do_sample and row_seeds is not None:  # the per-row sampler draws; generate then just takes its pick
+            decoding = dict(logits_processor=[PerRowSampler(row_seeds, s, model.device)])
+            do_sample = False
+        out = model.generate(
+            **enc, do_sample=do_sample, max_new_tokens=s["max_new_tokens"], **decoding,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_id, synced_gpus=synced,
+        )
+        model.train(was_training)
+        completion_ids = out[:, enc["input_ids"].shape[1]:]
+        completion_mask = completion_mask_from_ids(completion_ids, self.eos_id)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return RolloutBatch(enc["input_ids"], enc["attention_mask"], completion_ids, completion_mask, texts)
+
+    def sync_weights(self, policy) -> None:
+        """Nothing to copy: ``generate`` runs the policy object itself."""
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+class PerRowSampler:
+    """A logits processor: samples every row from its own seeded generator with Hugging Face's own
+    warpers (temperature, top-k, top-p, in generate's order) and returns a one-hot score, so greedy
+    decoding takes that pick."""
+
+    def __init__(self, seeds: list[int], sampling: Mapping, device):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        warpers = [TemperatureLogitsWarper(sampling["temperature"])]
+        if sampling.get("top_k"):
+            warpers.append(TopKLogitsWarper(sampling["top_k"]))
+        if sampling.get("top_p", 1.0) < 1.0:
+            warpers.append(TopPLogitsWarper(sampling["top_p"]))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"PerRowSampler has {len(self.generators)} seeds for {scores.shape[0]} rows")
+        probs = self.warpers(input_ids, scores).softmax(-1)
+        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, -float("inf")).scatter_(1, picks.unsqueeze(1), 0.0)
