@@ -47,7 +47,8 @@ def test_probe_numbers_equal_a_recomputation_from_the_policy_before_and_after(me
     before = copy.deepcopy(trainer.policy)
     batches = []
     original = HFRolloutEngine.generate
-    monkeypatch.setattr(HFRolloutEngine, "generate", lambda self, *a: batches.append(original(self, *a)) or batches[-1])
+    monkeypatch.setattr(HFRolloutEngine, "generate",
+                        lambda self, *a, **k: batches.append(original(self, *a, **k)) or batches[-1])
     row = trainer.train_step(0)
     rollouts = batches[0]
     change = logp_of(trainer.policy, rollouts) - logp_of(before, rollouts)

@@ -80,7 +80,8 @@ def report(tmp_path_factory):
         step(1, **{"val/mean_at_k": 0.50, "probe/credit_concentration": 4.0, "probe/logprob_lift_key_supported": None})])
     write_metrics(results, "big", "trace_fkl@self", [step(0, lam=0.5), step(1, **{"val/mean_at_k": 0.48})])
     cfg = {"benchmarks": BENCHMARKS}
-    aggregate(cfg, results, results / "aggregate")
+    aggregate(cfg, sorted(results.glob("eval/*/*/*.json")), sorted(results.glob("train/*/*/seed*/metrics.jsonl")),
+              results / "aggregate")
     write_tables_and_figures(CFG, results / "aggregate", results)
     return results
 

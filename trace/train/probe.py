@@ -13,6 +13,9 @@ step's optimizer update is measured per completion token:
                   annotator's diagnostic label), the same for every method.
 
 (The spec gives the paper's numbers, not its exact estimators: these definitions are ours.)
+Caveat: Adam's very first update is ≈ lr·sign(gradient) per parameter, so at step 0 the measured
+update reflects the gradient's sign pattern more than its size (methods whose gradients share signs
+measure alike); probes after a few steps, with Adam's moments warmed up, separate the losses better.
 Nothing here draws random numbers, so probing leaves the training trajectory unchanged.
 """
 from __future__ import annotations
