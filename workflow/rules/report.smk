@@ -6,6 +6,7 @@ rule aggregate:
     output:
         evals="results/aggregate/evals.csv",
         curves="results/aggregate/training_curves.csv",
+        credit_maps="results/aggregate/credit_maps.csv",
     params:
         cfg=as_arg({"benchmarks": config["eval"]["benchmarks"]}),
     resources:
@@ -32,7 +33,7 @@ rule report:
     output:
         table_md="results/tables/main_results.md",
         table_csv="results/tables/main_results.csv",
-        mechanism="results/tables/mechanism.md",
+        mechanism=["results/tables/mechanism.md", "results/tables/mechanism.csv"],
         figures=[f"results/figures/{name}.png" for name in
                  ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
         ablations=[f"results/{kind}/{name}.{ext}" for name in ("annotator_tiers", "mask_localisation")
