@@ -199,3 +199,30 @@ def test_a_checkpoint_resumes_under_another_world_size(written, resumed, runs):
     assert_same_run(made[written], made[resumed], steps=set(range(first, 3)))
     if resumed == "grpo_1to2":
         assert f"resumed {made[resumed]} at step 2" in log
+
+
+def test_argless_forward_methods_reach_fsdp_with_an_input():
+    """torch 2.11's FSDP2 root pre-forward on CUDA indexes the device-moved (args, kwargs), which are
+    empty for ``model.get_decoder()`` (IndexError, seen on an H200); the hook must see an input."""
+    from trace.train.distributed import _register_argless_forward_method
+
+    class Model(torch.nn.Module):
+        def get_decoder(self):
+            return "decoder"
+
+    seen = []
+
+    def register_like_fsdp(module, name):  # the shape of torch's register_fsdp_forward_method
+        original = getattr(module, name)
+
+        def hooked(self, *args, **kwargs):
+            seen.append((args, kwargs))
+            moved_args, moved_kwargs = (args,) if args else (), (kwargs,) if kwargs else ()
+            return original(*moved_args[0] if moved_args else (), **moved_kwargs[0])  # IndexError if both empty
+
+        setattr(module, name, hooked.__get__(module, type(module)))
+
+    model = Model()
+    _register_argless_forward_method(model, "get_decoder", register_like_fsdp)
+    assert model.get_decoder() == "decoder"
+    assert seen == [((), {"_fsdp_input": 0})]

@@ -51,6 +51,20 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def _register_argless_forward_method(model, name: str, register) -> None:
+    """``register_fsdp_forward_method`` for a method called with no arguments (``get_decoder()``).
+
+    On CUDA, FSDP2's root pre-forward moves the call's inputs to the device and indexes the moved
+    (args, kwargs) tuples, which are empty for a call without arguments (torch 2.11: IndexError in
+    ``_root_pre_forward``; CPU and torch 2.13 skip it). So the hooked method receives one ignored keyword.
+    """
+    plain = getattr(model, name)
+    model.__dict__[name] = lambda _fsdp_input=None: plain()
+    register(model, name)
+    hooked = getattr(model, name)
+    model.__dict__[name] = lambda: hooked(_fsdp_input=0)
+
+
 class Distributed:
     """This process's place in the job. ``mesh is None``: one plain process."""
 
@@ -154,7 +168,7 @@ class Distributed:
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
         for method in ("get_decoder", "get_output_embeddings"):  # see the module docstring
-            register_fsdp_forward_method(model, method)
+            _register_argless_forward_method(model, method, register_fsdp_forward_method)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # each rank's loss is already divided by the GLOBAL counts: sum gradients, do not average
