@@ -114,11 +114,14 @@ def test_main_table_side_by_side_values_cis_and_differences(report):
     assert vs.loc[("big", "base", "GPQA-D"), "diff"] == pytest.approx(1.73)
     sdpo = vs.loc[("big", "sdpo", "GPQA-D")]
     assert sdpo["relation"] == "<" and sdpo["paper"] == "58.27" and pd.isna(sdpo["diff"])  # "below base"
-    # two seeds (50 and 60): cell 55, CI half-width 5/sqrt(2); AVG half-width 5/sqrt(10)
+    # two seeds (50 and 60): cell 55, the t-interval over seeds: sd = sqrt(50), se = sd/sqrt(2) = 5,
+    # half-width t(0.975, 1)·5 = 12.7062·5; AVG per seed (50, 60) the same
     small = vs.loc[("small", "grpo")]
     assert small.loc["MATH500", "ours"] == pytest.approx(55.0)
-    assert small.loc["MATH500", "ci_high"] - 55 == pytest.approx(5 / math.sqrt(2), abs=1e-4)
-    assert small.loc["AVG", "ci_high"] - 55 == pytest.approx(5 / math.sqrt(10), abs=1e-4)
+    assert small.loc["MATH500", "ci_high"] - 55 == pytest.approx(12.7062047 * 5, abs=1e-3)
+    assert small.loc["AVG", "ci_high"] - 55 == pytest.approx(12.7062047 * 5, abs=1e-3)
+    assert small.loc["AVG", "n_seeds"] == 2 and small.loc["AVG", "ci"] == "t over seeds"
+    assert grpo.loc["AVG", "ci"] == "normal (bootstrap SEs)" and grpo.loc["AIME25", "ci"] == "bootstrap"
     assert small.loc["AVG", "diff"] == pytest.approx(55 - 57.73)
     assert vs.loc[("small", "base", "AVG"), "diff"] == pytest.approx(60 - 58.77)
     # the markdown prints the same numbers in each cell
@@ -203,3 +206,14 @@ def test_the_toy_study_report_has_no_paper_columns(report, tmp_path):
     assert "paper" not in (tmp_path / "tables" / "main_results.md").read_text().split("\n", 1)[1]
     assert "paper_gain_vs_grpo" not in pd.read_csv(tmp_path / "tables" / "annotator_tiers.csv")
     assert not (tmp_path / "tables" / "paper_figure_numbers.csv").exists()
+
+
+def test_vs_grpo_puts_the_papers_gain_beside_ours(report):
+    versus = pd.read_csv(report / "tables" / "vs_grpo.csv").set_index(["model", "method"])
+    fkl = versus.loc[("big", "trace_fkl")]
+    # one seed each: Δ 79 − 76 = 3, normal CI from two AVG half-widths of √5: half-width √10 > 3
+    assert fkl["delta_avg"] == pytest.approx(3.0) and fkl["ci_high"] == pytest.approx(3 + math.sqrt(10), abs=0.01)
+    assert not fkl["significant"] and fkl["paper_delta_avg"] == pytest.approx(81.51 - 78.75)
+    assert versus.loc[("big", "trace_fkl@self"), "paper_delta_avg"] == pytest.approx(1.90)  # Table 3's self tier
+    assert pd.isna(versus.loc[("small", "random25"), "paper_delta_avg"])  # Table 4 has no numbers
+    assert versus.loc[("small", "trace_fkl"), "n_seeds_grpo"] == 2

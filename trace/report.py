@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,20 @@ def main_table(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     cells = evals.groupby(["model", "method", "column"])["avg_at_k"].mean().unstack("column")
     cells = cells.reindex(columns=columns)
     cells["AVG"] = cells[columns].mean(axis=1)  # unweighted mean of the benchmark columns, as in the paper
+    return _in_table_order(cells)
+
+
+def _in_table_order(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows (model, method) sorted by model, then base, grpo, the other methods by name."""
     order = {"base": 0, "grpo": 1}
-    return cells.sort_index(key=lambda idx: idx.map(lambda v: (order.get(v, 2), v)) if idx.name == "method" else idx)
+    return table.sort_index(key=lambda idx: idx.map(lambda v: (order.get(v, 2), v)) if idx.name == "method" else idx)
+
+
+def with_avg_ci(table: pd.DataFrame, evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """main_table's rows plus the AVG's 95% CI (cell_estimates) and each row's number of seeds."""
+    avg = cell_estimates(evals, columns).query("column == 'AVG'").set_index(["model", "method"])
+    seeds = evals.groupby(["model", "method"])["seed"].nunique().clip(lower=1)  # the base has no seed: one
+    return table.assign(AVG_ci_low=avg["ci_low"], AVG_ci_high=avg["ci_high"], n_seeds=seeds)
 
 
 def ablation_table(evals: pd.DataFrame, columns: list[str], model: str, rows: dict[str, str]) -> pd.DataFrame:
@@ -106,30 +119,133 @@ def read_paper_results(path: Path = PAPER_RESULTS) -> pd.DataFrame:
     return paper
 
 
-def cell_estimates(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Our value and 95% CI per (model, method, column), AVG included (only for complete rows).
+def t_quantile_95(df: int) -> float:
+    """t_{0.975, df}, the two-sided 95% quantile of Student's t with df (≥ 1) degrees of freedom: bisection on
+    the closed-form P(|T| ≤ t) for integer df (Abramowitz & Stegun 26.7.3/26.7.4); no scipy needed."""
+    if df < 1:
+        raise ValueError(f"a t-interval needs at least 1 degree of freedom, got {df}")
 
-    One seed: the cell's percentile-bootstrap CI as evaluated. Several seeds, and AVG: a normal CI
-    around the mean from the cells' bootstrap standard errors (se = CI width / 3.92), treating
-    benchmarks and seeds as independent; it covers evaluation sampling, not seed-to-seed variance.
-    """
-    def pooled_se(se: pd.Series) -> float:  # se of the mean of independent estimates
-        return float(np.sqrt((se ** 2).sum())) / len(se)
+    def central(t: float) -> float:  # P(|T| ≤ t)
+        theta = math.atan(t / math.sqrt(df))
+        cos2, term, total = math.cos(theta) ** 2, 1.0, 0.0
+        if df % 2 == 0:  # sinθ · [1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + … + cos^(df−2)θ term]
+            for j in range(df // 2):
+                total += term
+                term *= (2 * j + 1) / (2 * j + 2) * cos2
+            return math.sin(theta) * total
+        term = math.cos(theta)  # (2/π)·(θ + sinθ · [cosθ + 2/3 cos³θ + … + cos^(df−2)θ term])
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= 2 * j / (2 * j + 1) * cos2
+        return 2 / math.pi * (theta + math.sin(theta) * total)
 
-    rows = evals[evals["column"].isin(columns)].assign(se=lambda d: (d["ci_high"] - d["ci_low"]) / (2 * Z95))
-    by_cell = rows.groupby(["model", "method", "column"])
-    cells = pd.DataFrame({"ours": by_cell["avg_at_k"].mean(), "n_seeds": by_cell.size(),
-                          "se": by_cell["se"].apply(pooled_se), "ci_low": by_cell["ci_low"].first(),
-                          "ci_high": by_cell["ci_high"].first()}).reset_index()
-    by_run = cells.groupby(["model", "method"])
-    avg = pd.DataFrame({"ours": by_run["ours"].mean(), "n_seeds": by_run["n_seeds"].max(),
-                        "se": by_run["se"].apply(pooled_se), "n_columns": by_run.size()}).reset_index()
+    low, high = 0.0, 2.0
+    while central(high) < 0.95:
+        high *= 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if central(middle) < 0.95 else (low, middle)
+    return (low + high) / 2
+
+
+def _pooled_se(se: pd.Series) -> float:
+    """se of the mean of independent estimates."""
+    return float(np.sqrt((se ** 2).sum())) / len(se)
+
+
+def per_seed_estimates(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """One row per (model, method, seed, column), AVG included: value, bootstrap se (CI width / 3.92), and the
+    seed's own 95% CI (a benchmark cell: its percentile bootstrap; AVG: normal from the cells' bootstrap SEs,
+    benchmarks independent). AVG is the mean of the seed's benchmark columns, only where it has all of them.
+    The base policy (no seed) counts as one seed."""
+    rows = evals[evals["column"].isin(columns)]
+    rows = rows.assign(se=(rows["ci_high"] - rows["ci_low"]) / (2 * Z95))
+    keys = ["model", "method", "seed"]
+    cells = (rows.groupby([*keys, "column"], dropna=False)
+             .agg(value=("avg_at_k", "mean"), se=("se", _pooled_se), ci_low=("ci_low", "mean"),
+                  ci_high=("ci_high", "mean")).reset_index())
+    by_seed = cells.groupby(keys, dropna=False)
+    avg = by_seed.agg(value=("value", "mean"), se=("se", _pooled_se), n_columns=("column", "size")).reset_index()
     avg = avg[avg.pop("n_columns") == len(columns)].assign(column="AVG")
-    out = pd.concat([cells, avg], ignore_index=True)
-    normal = (out["n_seeds"] > 1) | (out["column"] == "AVG")
-    out.loc[normal, "ci_low"] = out["ours"] - Z95 * out["se"]
-    out.loc[normal, "ci_high"] = out["ours"] + Z95 * out["se"]
-    return out
+    avg = avg.assign(ci_low=avg["value"] - Z95 * avg["se"], ci_high=avg["value"] + Z95 * avg["se"])
+    return pd.concat([cells, avg], ignore_index=True)
+
+
+def t_interval(values: pd.Series) -> tuple[float, float, float]:
+    """mean, se = sd/√n and the half-width t_{0.975, n−1}·se of n ≥ 2 values (seeds)."""
+    n = len(values)
+    mean, se = float(values.mean()), float(values.std(ddof=1)) / math.sqrt(n)
+    return mean, se, t_quantile_95(n - 1) * se
+
+
+CI_KINDS = {"cell": "bootstrap", "AVG": "normal (bootstrap SEs)", "seeds": "t over seeds"}
+
+
+def cell_estimates(evals: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Our value and 95% CI per (model, method, column), AVG included (only for seeds with every column);
+    columns ours, n_seeds, se, ci_low, ci_high and ci (the CI's kind, CI_KINDS).
+
+    n ≥ 2 seeds: the mean over seeds and the t-interval over seeds, mean ± t_{0.975, n−1}·sd/√n (AVG: per
+    seed first, then across seeds); it covers seed-to-seed variance (and evaluation sampling within it).
+    One seed: a benchmark cell's percentile-bootstrap CI as evaluated; AVG a normal CI from the cells'
+    bootstrap standard errors (evaluation sampling only)."""
+    rows = []
+    for (model, method, column), seeds in per_seed_estimates(evals, columns).groupby(["model", "method", "column"]):
+        row = {"model": model, "method": method, "column": column, "n_seeds": len(seeds)}
+        if len(seeds) == 1:
+            one = seeds.iloc[0]
+            row.update(ours=one["value"], se=one["se"], ci_low=one["ci_low"], ci_high=one["ci_high"],
+                       ci=CI_KINDS["AVG" if column == "AVG" else "cell"])
+        else:
+            mean, se, half = t_interval(seeds["value"])
+            row.update(ours=mean, se=se, ci_low=mean - half, ci_high=mean + half, ci=CI_KINDS["seeds"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "method", "column", "ours", "n_seeds", "se", "ci_low", "ci_high",
+                                       "ci"])
+
+
+def versus_grpo(evals: pd.DataFrame, columns: list[str], paper: pd.DataFrame | None = None,
+                paper_models: dict[str, str] | None = None) -> pd.DataFrame:
+    """Δ AVG = run − GRPO on the same model, for every run but base and grpo, with a 95% CI: paired by seed
+    (the t-interval of the per-seed differences) where both have ≥ 2 common seeds, else a normal CI from
+    the two AVG standard errors (independent). significant: the CI excludes 0. With the paper's results,
+    paper_delta_avg: its AVG difference (Table 2) or, for a '<method>@<tier>' run, its Table 3 gain."""
+    per_seed = per_seed_estimates(evals, columns).query("column == 'AVG'").set_index(["model", "method"])
+    avg = cell_estimates(evals, columns).query("column == 'AVG'").set_index(["model", "method"])
+    rows = []
+    for (model, method), run in avg.iterrows():
+        if method in ("base", "grpo") or (model, "grpo") not in avg.index:
+            continue
+        grpo = avg.loc[(model, "grpo")]
+        mine, theirs = (per_seed.loc[[(model, m)]].set_index("seed")["value"] for m in (method, "grpo"))
+        common = sorted(set(mine.index.dropna()) & set(theirs.index.dropna()))
+        if len(common) >= 2:
+            delta, _, half = t_interval(mine[common] - theirs[common])
+            kind = f"paired t over seeds {' '.join(str(int(s)) for s in common)}"
+        else:
+            delta, half = run["ours"] - grpo["ours"], Z95 * math.hypot(run["se"], grpo["se"])
+            kind = "normal (independent AVG SEs)"
+        rows.append({"model": model, "method": method, "avg": run["ours"], "grpo_avg": grpo["ours"],
+                     "delta_avg": delta, "ci_low": delta - half, "ci_high": delta + half,
+                     "significant": bool(delta - half > 0 or delta + half < 0), "n_seeds": int(run["n_seeds"]),
+                     "n_seeds_grpo": int(grpo["n_seeds"]), "ci": kind})
+    out = pd.DataFrame(rows, columns=["model", "method", "avg", "grpo_avg", "delta_avg", "ci_low", "ci_high",
+                                      "significant", "n_seeds", "n_seeds_grpo", "ci"])
+    if paper is not None:
+        out["paper_delta_avg"] = [_paper_delta(paper, (paper_models or {}).get(m, m), method)
+                                  for m, method in zip(out["model"], out["method"])]
+    return out.sort_values(["model", "method"], ignore_index=True)
+
+
+def _paper_delta(paper: pd.DataFrame, paper_model: str, run: str) -> float:
+    """The paper's AVG gain of a run over GRPO: Table 3's for a tier run, else the Table 2 AVG difference."""
+    method, _, tier = run.partition("@")
+    mine = paper["model"] == paper_model
+    if tier:
+        gain = paper[mine & (paper["item"] == "table3") & (paper["method"] == tier)]["number"]
+        return float(gain.iloc[0]) if len(gain) else np.nan
+    table2 = paper[mine & (paper["item"] == "table2") & (paper["metric"] == "AVG")].set_index("method")["number"]
+    return float(table2.get(method, np.nan) - table2.get("grpo", np.nan))
 
 
 def paper_comparison(evals: pd.DataFrame, columns: list[str], paper: pd.DataFrame,
@@ -162,25 +278,23 @@ def side_by_side(comparison: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     cells = comparison.assign(text=comparison.apply(_cell_text, axis=1))
     wide = cells.pivot(index=["model", "method"], columns="column", values="text")
     wide = wide.reindex(columns=[*columns, "AVG"]).fillna("—")
-    order = {"base": 0, "grpo": 1}
-    return wide.sort_index(key=lambda idx: idx.map(lambda v: (order.get(v, 2), v)) if idx.name == "method" else idx)
+    wide["n_seeds"] = comparison.groupby(["model", "method"])["n_seeds"].max()
+    return _in_table_order(wide)
 
 
 def tier_comparison(evals: pd.DataFrame, columns: list[str], model: str, rows: dict[str, str],
                     paper_keys: dict[str, str], paper: pd.DataFrame, paper_model: str) -> pd.DataFrame:
-    """Table 3 as the paper reports it: AVG gain over the same model's GRPO, ours with a 95% CI
-    (independent evaluations: se² = se_run² + se_grpo²) beside the paper's gain. A row's paper key
+    """Table 3 as the paper reports it: AVG gain over the same model's GRPO, ours with versus_grpo's 95% CI
+    (paired by seed, else from the two AVGs' standard errors) beside the paper's gain. A row's paper key
     is paper_keys[label], else the label itself (the tier name: self, frozen, static)."""
     table = ablation_table(evals, columns, model, rows)
     if "gain_vs_grpo" not in table:
         return table
-    avg = cell_estimates(evals[evals["model"] == model], columns).query("column == 'AVG'").set_index("method")["se"]
-    se = np.sqrt(pd.Series([avg.get(rows[label], np.nan) for label in table.index], index=table.index) ** 2
-                 + avg.get("grpo", np.nan) ** 2)
-    table["gain_ci_low"] = table["gain_vs_grpo"] - Z95 * se
-    table["gain_ci_high"] = table["gain_vs_grpo"] + Z95 * se
-    gains = paper[(paper["item"] == "table3") & (paper["model"] == paper_model)].set_index("method")["number"]
-    table["paper_gain_vs_grpo"] = [gains.get(paper_keys.get(label, label), np.nan) for label in table.index]
+    versus = versus_grpo(evals[evals["model"] == model], columns).set_index("method")
+    gains = versus.reindex([rows[label] for label in table.index]).set_index(table.index)
+    table["gain_ci_low"], table["gain_ci_high"] = gains["ci_low"], gains["ci_high"]
+    paper_gains = paper[(paper["item"] == "table3") & (paper["model"] == paper_model)].set_index("method")["number"]
+    table["paper_gain_vs_grpo"] = [paper_gains.get(paper_keys.get(label, label), np.nan) for label in table.index]
     table["diff_gain"] = table["gain_vs_grpo"] - table["paper_gain_vs_grpo"]
     return table
 
@@ -303,7 +417,7 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
               f"{', '.join(f'{b} → {c}' for b, c in cfg['benchmarks'].items())}")
     main_runs = ["base", *cfg.get("methods", evals["method"].unique())]
     main_evals = evals[evals["method"].isin(main_runs)]
-    table = main_table(main_evals, columns).round(2)
+    table = with_avg_ci(main_table(main_evals, columns), main_evals, columns).round(2)
     if compare:
         comparison = paper_comparison(main_evals, columns, paper, paper_models)
         comparison.round(4).to_csv(tables / "main_results_vs_paper.csv", index=False)
@@ -312,7 +426,14 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
                         f"Main results (Table 2) beside the paper's: ours [95% CI] · paper (TRACE.md §7) · "
                         f"Δ = ours − paper; {legend}; {CI_NOTE}")
     else:
-        _write_table(table, tables, "main_results", f"Main results (Table 2 shape; {legend})")
+        _write_table(table, tables, "main_results", f"Main results (Table 2 shape; {legend}); AVG_ci_*: {CI_NOTE}")
+    versus = versus_grpo(evals, columns, paper, paper_models)
+    _write_table(versus.round(2).set_index(["model", "method"]), tables, "vs_grpo",
+                 f"Δ AVG = run − GRPO on the same model (avg@{k}, points), every trained run; 95% CI paired by "
+                 "seed (t-interval of the per-seed AVG differences) where both runs have ≥ 2 common seeds, else "
+                 "normal from the two AVGs' standard errors (ci says which); significant: the CI excludes 0"
+                 + ("; paper_delta_avg: the paper's AVG difference (TRACE.md §7 Table 2; tier runs: Table 3 gain)"
+                    if compare else ""))
 
     ablations = cfg.get("ablations") or {}
     tier_runs = None
@@ -388,8 +509,7 @@ def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> 
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.text(0.5, 0.5, "no credit map in the aggregate (train.probe.steps)", ha="center", va="center", color="0.5")
         ax.axis("off")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        _save(plt, fig, path)
         return
     model = sorted(maps["model"].unique())[0]
     maps = maps[(maps["model"] == model) & (maps["seed"] == maps["seed"].min())]
@@ -414,7 +534,12 @@ def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> 
     axes[0, 0].set_title(f"{model}, step {int(maps['step'].min())}: per-token |Δ log π| of one update (row-normalised),"
                          " annotated spans boxed; inside/outside ratio under each name", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> None:
+    """PNG without the matplotlib version in its metadata: the same figure gives the same bytes."""
+    fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
@@ -425,8 +550,10 @@ def _runs_of_ones(flags) -> list[tuple[int, int]]:
     return list(zip(edges[::2], edges[1::2]))
 
 
-CI_NOTE = ("CI: a benchmark cell of one seed is its percentile bootstrap over problems; AVG and several-seed cells "
-           "use a normal CI from the bootstrap standard errors (evaluation sampling only)")
+CI_NOTE = ("95% CIs: with one seed (n_seeds 1) a benchmark cell's is its percentile bootstrap over problems and "
+           "AVG's a normal CI from the cells' bootstrap standard errors (evaluation sampling only); with n_seeds ≥ 2 "
+           "a cell is the mean over seeds with the t-interval over seeds, mean ± t(0.975, n−1)·sd/√n (AVG per "
+           "seed first, then across seeds)")
 
 
 def _write_markdown(table: pd.DataFrame, tables: Path, name: str, header: str, **tabulate) -> None:
@@ -481,5 +608,4 @@ def _curve_figure(plt, curves: pd.DataFrame, runs_by_model: dict[str, list[str]]
             if drawn and (c == 0 or panel.runs is not None or len(panel.columns) > 1):
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)

@@ -33,6 +33,7 @@ rule report:
     output:
         table_md="results/tables/main_results.md",
         table_csv="results/tables/main_results.csv",
+        versus_grpo=["results/tables/vs_grpo.md", "results/tables/vs_grpo.csv"],
         mechanism=["results/tables/mechanism.md", "results/tables/mechanism.csv"],
         figures=[f"results/figures/{name}.png" for name in
                  ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
