@@ -86,3 +86,21 @@ def test_real_data_rules_prepare_the_five_benchmarks_offline(tmp_path):
     assert set(manifest["files"]) >= {f"{name}.jsonl" for name in rows}
     assert len((real / "train" / "train.jsonl").read_text().splitlines()) == 200
     assert len((real / "train" / "val.jsonl").read_text().splitlines()) == 20
+
+
+def test_export_cache_writes_the_report_settings_and_redraws_in_the_study_cache(tmp_path):
+    import re
+
+    result = snakemake(workdir=tmp_path, *("-n", "-p", "--cores", "1", "--forceall", "export_cache", "report"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    commands = {stage: line for line in out.splitlines() for stage in ("report", "export-cache")
+                if f"-m trace {stage} " in line}
+    cfg = {stage: re.search(r"--cfg ('[^']*')", line).group(1) for stage, line in commands.items()}
+    assert cfg["export-cache"] == cfg["report"]  # report_settings.json holds exactly the report's settings
+    assert "--aggregate-dir results/aggregate --out-dir results/cache/toy" in commands["export-cache"]
+    assert "logs/export_cache/toy.log" in commands["export-cache"]
+    for path in ("results/cache/toy/report_settings.json", "results/cache/toy/aggregate/credit_maps.csv",
+                 "results/cache/toy/tables/vs_grpo.csv", "results/cache/toy/figures/fig6_credit_map.png",
+                 "results/tables/vs_grpo.md"):
+        assert path in out, path

@@ -94,6 +94,19 @@ def cmd_report(args, cfg):
     write_tables_and_figures(cfg, Path(args.aggregate_dir), Path(args.out_dir))
 
 
+def cmd_export_cache(args, cfg):
+    from trace.cache import export_cache
+
+    export_cache(cfg, Path(args.aggregate_dir), Path(args.out_dir))
+
+
+def cmd_redraw(args, cfg):
+    from trace.cache import redraw
+
+    out = redraw(Path(args.cache_dir), Path(args.out_dir) if args.out_dir else None)
+    logging.getLogger("trace").info("redrew %s/tables and %s/figures from the cache %s", out, out, args.cache_dir)
+
+
 def cmd_bench(args, cfg):
     from trace.bench import run_from_args
 
@@ -110,7 +123,9 @@ STAGES = {
     "evaluate": (cmd_evaluate, ["--model", "--data+", "--out-dir"]),
     "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
+    "export-cache": (cmd_export_cache, ["--aggregate-dir", "--out-dir"]),
 }
+NO_TORCH = {"aggregate", "report", "export-cache", "redraw"}  # tables and figures only: no torch import
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,15 +149,21 @@ def main(argv: list[str] | None = None) -> None:
                                  "further arguments go to Snakemake (default: --cores 2)")
     bench = sub.add_parser("bench", help="memory and time: routed vs all-token KL, TRACE vs GRPO step loss phase")
     add_bench_arguments(bench)
-    bench.set_defaults(cfg="{}")
+    bench.set_defaults(cfg="{}", handler=cmd_bench)
+    redraw = sub.add_parser("redraw", help="every table and figure from a results cache alone (no training, model, "
+                                           "GPU or Snakemake): CACHE_DIR/report_settings.json + aggregate/*.csv")
+    redraw.add_argument("cache_dir", metavar="CACHE_DIR")
+    redraw.add_argument("--out-dir", help="where tables/ and figures/ go (default: CACHE_DIR itself)")
+    redraw.set_defaults(cfg="{}", handler=cmd_redraw)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = json.loads(args.cfg)
     except json.JSONDecodeError as exc:
         parser.error(f"--cfg is not valid JSON: {exc}")
-    _threads_from_env()
-    handler = STAGES[args.stage][0] if args.stage in STAGES else cmd_bench
+    if args.stage not in NO_TORCH:
+        _threads_from_env()
+    handler = STAGES[args.stage][0] if args.stage in STAGES else args.handler
     try:
         handler(args, cfg)
     except (FileNotFoundError, ValueError, KeyError) as exc:

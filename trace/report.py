@@ -73,6 +73,33 @@ def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_
     pd.DataFrame(map_rows, columns=MAP_COLUMNS).to_csv(out_dir / "credit_maps.csv", index=False)
 
 
+# what the report reads from each aggregate CSV (a column it may do without is not listed)
+AGGREGATE_COLUMNS = {"evals.csv": ("model", "method", "seed", "column", "k", "avg_at_k", "ci_low", "ci_high"),
+                     "training_curves.csv": ("model", "method", "seed", "step", "lambda"),
+                     "credit_maps.csv": tuple(MAP_COLUMNS)}
+NUMERIC_COLUMNS = {"k", "avg_at_k", "ci_low", "ci_high", "step", "credit"}
+
+
+def read_aggregate_csv(path: Path, **read_csv) -> pd.DataFrame:
+    """One aggregate CSV (AGGREGATE_COLUMNS by its name), checked: a missing or malformed file is one error
+    naming the file, not a traceback from inside the drawing code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        table = pd.read_csv(path, **read_csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable CSV table ({str(exc).strip()})") from None
+    needed = AGGREGATE_COLUMNS[path.name]
+    if missing := [column for column in needed if column not in table]:
+        raise ValueError(f"{path} lacks the column(s) {', '.join(missing)} (python -m trace aggregate writes them)")
+    if text := [c for c in needed if c in NUMERIC_COLUMNS and len(table)
+                and not pd.api.types.is_numeric_dtype(table[c])]:
+        raise ValueError(f"{path}: column(s) {', '.join(text)} hold non-numbers")
+    if path.name == "evals.csv" and table.empty:
+        raise ValueError(f"{path} has no rows")
+    return table
+
+
 def _existing(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"declared input {path} does not exist")
@@ -403,8 +430,8 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    evals = pd.read_csv(aggregate_dir / "evals.csv")
-    curves = pd.read_csv(aggregate_dir / "training_curves.csv")
+    evals = read_aggregate_csv(aggregate_dir / "evals.csv")
+    curves = read_aggregate_csv(aggregate_dir / "training_curves.csv")
     columns = list(dict.fromkeys(cfg["benchmarks"].values()))
     tables, figures = out_dir / "tables", out_dir / "figures"
     tables.mkdir(parents=True, exist_ok=True)
@@ -468,7 +495,8 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
                  "TRACE.md §7 (Qwen3; its 'TRACE' compared with trace_fkl, '1.0–1.1' for the other methods), a "
                  "reference, not a like-for-like target in the toy world")
     maps_path = aggregate_dir / "credit_maps.csv"
-    maps = pd.read_csv(maps_path, keep_default_na=False) if maps_path.exists() else pd.DataFrame(columns=MAP_COLUMNS)
+    maps = (read_aggregate_csv(maps_path, keep_default_na=False) if maps_path.exists()
+            else pd.DataFrame(columns=MAP_COLUMNS))
     _credit_map_figure(plt, maps, main_runs, figures / "fig6_credit_map.png")
     if compare:
         numbers = figure_numbers(curves, paper, tier_runs).round(4).set_index("item")

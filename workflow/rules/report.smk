@@ -26,21 +26,28 @@ def report_settings():
     return settings
 
 
+def report_outputs(root):
+    """Every table and figure the report draws under root (results/, or a cache folder)."""
+    return {
+        "table_md": f"{root}/tables/main_results.md",
+        "table_csv": f"{root}/tables/main_results.csv",
+        "versus_grpo": [f"{root}/tables/vs_grpo.md", f"{root}/tables/vs_grpo.csv"],
+        "mechanism": [f"{root}/tables/mechanism.md", f"{root}/tables/mechanism.csv"],
+        "figures": [f"{root}/figures/{name}.png" for name in
+                    ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
+        "ablations": [f"{root}/{kind}/{name}.{ext}" for name in ("annotator_tiers", "mask_localisation")
+                      if ABLATIONS.get(name) for kind, ext in (("tables", "md"), ("figures", "png"))],
+        "versus_paper": ([f"{root}/tables/main_results_vs_paper.csv", f"{root}/tables/paper_figure_numbers.md"]
+                         if STUDY == "paper" else []),
+    }
+
+
 rule report:
     """Tables and figures, drawn only from the aggregate (no GPU needed)."""
     input:
         rules.aggregate.output,
     output:
-        table_md="results/tables/main_results.md",
-        table_csv="results/tables/main_results.csv",
-        versus_grpo=["results/tables/vs_grpo.md", "results/tables/vs_grpo.csv"],
-        mechanism=["results/tables/mechanism.md", "results/tables/mechanism.csv"],
-        figures=[f"results/figures/{name}.png" for name in
-                 ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
-        ablations=[f"results/{kind}/{name}.{ext}" for name in ("annotator_tiers", "mask_localisation")
-                   if ABLATIONS.get(name) for kind, ext in (("tables", "md"), ("figures", "png"))],
-        versus_paper=(["results/tables/main_results_vs_paper.csv", "results/tables/paper_figure_numbers.md"]
-                      if STUDY == "paper" else []),
+        **report_outputs("results"),
     params:
         cfg=as_arg(report_settings()),
     resources:
@@ -49,6 +56,28 @@ rule report:
         "logs/report.log",
     shell:
         "{PYTHON} -m trace report --cfg {params.cfg} --aggregate-dir results/aggregate --out-dir results > {log} 2>&1"
+
+
+CACHE = f"results/cache/{STUDY}"
+
+
+rule export_cache:
+    """The study's results as a cache (aggregate CSVs + the report's settings) in results/cache/<study>/,
+    redrawn there from the cache alone; `python -m trace redraw DIR` redraws a copy anywhere (README)."""
+    input:
+        rules.aggregate.output,
+    output:
+        settings=f"{CACHE}/report_settings.json",
+        aggregate=[f"{CACHE}/aggregate/{name}" for name in ("evals.csv", "training_curves.csv", "credit_maps.csv")],
+        **report_outputs(CACHE),
+    params:
+        cfg=as_arg(report_settings()),
+    resources:
+        **study_config.job_resources(config, "report", REPO),
+    log:
+        f"logs/export_cache/{STUDY}.log",
+    shell:
+        "{PYTHON} -m trace export-cache --cfg {params.cfg} --aggregate-dir results/aggregate --out-dir {CACHE} > {log} 2>&1"
 
 
 # Targets for one part of the study (trained and evaluated, no report): e.g.

@@ -1,0 +1,134 @@
+"""Results shipped as a cache (aggregate CSVs + the report's settings) and redrawn with one command, without
+training: `python -m trace export-cache` writes one, `python -m trace redraw CACHE` redraws it anywhere,
+deterministically; the committed caches under results/shipped/ redraw to their committed tables."""
+import json
+import logging
+import shutil
+
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT
+from test_report_paper import CFG, cells, probe, step, write_eval, write_metrics
+from trace.cache import AGGREGATE_FILES, SETTINGS, redraw
+from trace.cli import main
+from trace.report import aggregate
+
+SHIPPED = REPO_ROOT / "results" / "shipped"
+TABLES = {f"{name}.{ext}" for name in ("main_results", "vs_grpo", "mechanism", "annotator_tiers", "mask_localisation",
+                                       "paper_figure_numbers") for ext in ("md", "csv")} | {"main_results_vs_paper.csv"}
+FIGURES = {f"{name}.png" for name in ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics",
+                                      "fig6_credit_map", "annotator_tiers", "mask_localisation")}
+
+
+def shipped_caches():
+    return sorted(path.parent for path in SHIPPED.glob(f"*/{SETTINGS}"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache exported by the CLI from a small aggregate written by the real aggregate code (2 seeds of
+    grpo and trace_fkl on one model, so vs_grpo pairs them)."""
+    root = tmp_path_factory.mktemp("cache")
+    results = root / "results"
+    write_eval(results, "big", "base", cells(60, 60, 80, 90, 60))
+    for seed, shift in ((0, 0), (1, 4)):
+        write_eval(results, "big", f"grpo-seed{seed}", cells(70 + shift, 70, 90, 95, 55))
+        write_eval(results, "big", f"trace_fkl-seed{seed}", cells(73 + 2 * shift, 73, 93, 98, 58))
+        write_metrics(results, "big", "grpo", [step(0, **probe(1.1, 0.05, [0.1, 0.1, 0.2, 0.2], [0, 1, 1, 0])),
+                                               step(1, **{"val/mean_at_k": 0.4})], seed=seed)
+        write_metrics(results, "big", "trace_fkl", [step(0, lam=0.5, **probe(6.0, 0.2, [0.0, 0.6, 0.6, 0.1],
+                                                                             [0, 1, 1, 0])), step(1)], seed=seed)
+    write_eval(results, "big", "trace_fkl@self-seed0", cells(71, 71, 91, 96, 56))
+    write_metrics(results, "big", "trace_fkl@self", [step(0, lam=0.5), step(1)])
+    write_eval(results, "small", "base", cells(50, 50, 50, 50, 50))
+    write_eval(results, "small", "grpo-seed0", cells(55, 55, 55, 55, 55))
+    write_eval(results, "small", "random25-seed0", cells(52, 52, 52, 52, 52))
+    write_metrics(results, "small", "random25", [step(0, lam=0.5), step(1)])
+    aggregate({"benchmarks": CFG["benchmarks"]}, sorted(results.glob("eval/*/*/*.json")),
+              sorted(results.glob("train/*/*/seed*/metrics.jsonl")), results / "aggregate")
+    cache = root / "cache" / "paper"
+    main(["export-cache", "--cfg", json.dumps(CFG, sort_keys=True), "--aggregate-dir", str(results / "aggregate"),
+          "--out-dir", str(cache)])
+    return cache
+
+
+def _files(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_export_writes_settings_aggregate_tables_and_figures(cache):
+    assert json.loads((cache / SETTINGS).read_text()) == CFG  # the report rule's --cfg
+    aggregate_dir = cache.parent.parent / "results" / "aggregate"
+    assert _files(cache / "aggregate") == {name: (aggregate_dir / name).read_bytes() for name in AGGREGATE_FILES}
+    assert set(_files(cache / "tables")) == TABLES
+    assert set(_files(cache / "figures")) == FIGURES
+    assert all(len(data) > 1000 for data in _files(cache / "figures").values())
+
+
+def test_two_redraws_give_byte_identical_tables_and_figures(cache, tmp_path):
+    main(["redraw", str(cache), "--out-dir", str(tmp_path / "a")])
+    main(["redraw", str(cache), "--out-dir", str(tmp_path / "b")])
+    for kind in ("tables", "figures"):
+        first, second = _files(tmp_path / "a" / kind), _files(tmp_path / "b" / kind)
+        assert first == second, kind  # PNGs too: no version or date in their metadata
+        assert first == _files(cache / kind), kind  # and the same as the export drew into the cache
+    assert not (tmp_path / "a" / "aggregate").exists()  # only tables/ and figures/ are written
+
+
+def test_redraw_defaults_to_the_cache_folder(cache, tmp_path):
+    copy = shutil.copytree(cache, tmp_path / "copy", ignore=shutil.ignore_patterns("tables", "figures"))
+    main(["redraw", str(copy)])
+    assert _files(copy / "tables") == _files(cache / "tables")
+    assert set(_files(copy / "figures")) == FIGURES
+
+
+def _break_settings(cache):
+    (cache / SETTINGS).write_text("{benchmarks: ")
+
+
+def _settings_without_benchmarks(cache):
+    (cache / SETTINGS).write_text(json.dumps({"methods": ["grpo"]}))
+
+
+def _evals_without_a_column(cache):
+    path = cache / "aggregate" / "evals.csv"
+    pd.read_csv(path).drop(columns="ci_high").to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("damage, named, message", [
+    (lambda cache: shutil.rmtree(cache), "", "does not exist"),
+    (lambda cache: (cache / SETTINGS).unlink(), SETTINGS, "does not exist"),
+    (_break_settings, SETTINGS, "not valid JSON"),
+    (_settings_without_benchmarks, SETTINGS, "'benchmarks'"),
+    (lambda cache: (cache / "aggregate" / "credit_maps.csv").unlink(), "aggregate/credit_maps.csv", "does not exist"),
+    (lambda cache: (cache / "aggregate" / "training_curves.csv").write_text(""), "aggregate/training_curves.csv",
+     "not a readable CSV"),
+    (_evals_without_a_column, "aggregate/evals.csv", "lacks the column(s) ci_high"),
+], ids=["no-folder", "no-settings", "bad-json", "no-benchmarks", "no-credit-maps", "empty-curves", "no-ci-column"])
+def test_a_missing_or_malformed_cache_is_one_line_naming_the_file(cache, tmp_path, caplog, damage, named, message):
+    copy = shutil.copytree(cache, tmp_path / "copy")
+    damage(copy)
+    with caplog.at_level(logging.ERROR, logger="trace"), pytest.raises(SystemExit) as exit_:
+        main(["redraw", str(copy), "--out-dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    [error] = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert "\n" not in error and message in error and str(copy / named).rstrip("/") in error, error
+
+
+@pytest.mark.skipif(not shipped_caches(), reason="no shipped cache under results/shipped/ yet: remove this skipif "
+                                                 "once results/shipped/<study>/ is committed")
+def test_shipped_caches_redraw_to_their_committed_tables(tmp_path):
+    caches = shipped_caches()
+    assert caches, (f"no shipped cache: expected results/shipped/<study>/{SETTINGS} with aggregate/, tables/ and "
+                    "figures/ (snakemake export_cache, then copy results/cache/<study> there)")
+    for shipped in caches:
+        out = redraw(shipped, tmp_path / shipped.name)
+        committed = _files(shipped / "tables")
+        assert committed, f"{shipped}/tables is empty"
+        redrawn = _files(out / "tables")
+        assert set(redrawn) == set(committed), f"{shipped}/tables: the redraw writes {sorted(redrawn)}"
+        for name, data in committed.items():
+            assert redrawn[name] == data, f"{shipped}/tables/{name} differs from its redraw (re-export the cache)"
+        for name in _files(shipped / "figures"):
+            assert (out / "figures" / name).stat().st_size > 0, f"{shipped}/figures/{name} is not redrawn"

@@ -1,0 +1,83 @@
+"""A results cache: everything the report needs to redraw every table and figure without training, a
+model, a GPU or Snakemake (README "Regenerate tables and figures from a cache").
+
+    CACHE/report_settings.json     the report rule's settings (its --cfg, report_settings() in report.smk)
+    CACHE/aggregate/evals.csv, training_curves.csv, credit_maps.csv     as `python -m trace aggregate` writes them
+    CACHE/tables/, CACHE/figures/  what `python -m trace redraw CACHE` draws from the two above
+
+`python -m trace export-cache` (the export_cache rule) writes one from results/aggregate/; the committed
+caches live in results/shipped/<study>/.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from trace.report import write_tables_and_figures
+
+SETTINGS = "report_settings.json"
+AGGREGATE_FILES = ("evals.csv", "training_curves.csv", "credit_maps.csv")
+DRAWN = ("tables", "figures")
+LAYOUT = f"a cache folder holds {SETTINGS} and aggregate/{{{','.join(AGGREGATE_FILES)}}}"
+# the keys each ablation's settings must have (workflow/rules/report.smk passes config["ablations"])
+ABLATION_KEYS = {"annotator_tiers": ("model", "method", "tiers"), "mask_localisation": ("model", "methods")}
+
+
+def export_cache(cfg: dict, aggregate_dir: Path, cache_dir: Path) -> None:
+    """The aggregate CSVs and the report settings into cache_dir, then its tables and figures redrawn from
+    the cache alone (the previous ones removed first, so nothing stale stays in it)."""
+    _check_settings(cfg, "--cfg")
+    sources = [aggregate_dir / name for name in AGGREGATE_FILES]
+    if missing := [str(path) for path in sources if not path.is_file()]:
+        raise FileNotFoundError(f"aggregate file(s) {', '.join(missing)} do not exist (python -m trace aggregate)")
+    (cache_dir / "aggregate").mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        shutil.copyfile(source, cache_dir / "aggregate" / source.name)
+    (cache_dir / SETTINGS).write_text(json.dumps(cfg, sort_keys=True, indent=2) + "\n")
+    for name in DRAWN:
+        shutil.rmtree(cache_dir / name, ignore_errors=True)
+    redraw(cache_dir)
+
+
+def read_settings(cache_dir: Path) -> dict:
+    path = cache_dir / SETTINGS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {LAYOUT}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    _check_settings(cfg, str(path))
+    return cfg
+
+
+def _check_settings(cfg, where: str) -> None:
+    """What write_tables_and_figures needs to start: benchmarks {benchmark: column}, optional methods and
+    ablations of the right shape."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: the report settings must be a JSON object, got {type(cfg).__name__}")
+    benchmarks = cfg.get("benchmarks")
+    if not (isinstance(benchmarks, dict) and benchmarks and all(isinstance(v, str) for v in benchmarks.values())):
+        raise ValueError(f"{where}: 'benchmarks' must map each benchmark to its table column, got {benchmarks!r}")
+    for key, kind in (("methods", list), ("ablations", dict), ("paper_models", dict)):
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise ValueError(f"{where}: {key!r} must be a JSON {'array' if kind is list else 'object'}")
+    for name, ablation in (cfg.get("ablations") or {}).items():
+        keys = ABLATION_KEYS.get(name, ())
+        if ablation is not None and not (isinstance(ablation, dict) and all(key in ablation for key in keys)):
+            raise ValueError(f"{where}: ablations.{name} must be null or an object with {', '.join(keys)}")
+
+
+def redraw(cache_dir: Path, out_dir: Path | None = None) -> Path:
+    """Every table and figure from the cache alone into out_dir (default: the cache itself); returns out_dir."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise FileNotFoundError(f"cache folder {cache_dir} does not exist")
+    cfg = read_settings(cache_dir)
+    for name in AGGREGATE_FILES:  # credit_maps.csv too: a cache is exactly what the aggregate wrote
+        if not (cache_dir / "aggregate" / name).is_file():
+            raise FileNotFoundError(f"{cache_dir / 'aggregate' / name} does not exist: {LAYOUT}")
+    out_dir = cache_dir if out_dir is None else Path(out_dir)
+    write_tables_and_figures(cfg, cache_dir / "aggregate", out_dir)
+    return out_dir
