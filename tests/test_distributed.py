@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT
 
 BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
-TIMING = ("rollout_s", "step_s", "annotator/wall_s", "annotator/latency_s_sum", "annotator/latency_s_max",
+TIMING = ("rollout_s", "step_s", "val_s", "annotator/wall_s", "annotator/latency_s_sum", "annotator/latency_s_max",
           "annotator/latency_s_mean")
 METRIC_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
@@ -35,6 +35,8 @@ def run_config(method, steps=3):
     cfg.update(method=method, seed=0, thinking=False, steps=steps, batch_prompts=4, group_size=4,
                micro_batch_size=4, lr=1e-3, save_every=1, rollout_rng="rollout",
                probe={"steps": []})  # the mechanism probe does not run under torchrun yet
+    if method == "trace_fkl":  # validated (5 problems: one rank's share is padded) and the best kept
+        cfg["validation"] = {"every": 2, "n_problems": 5, "k": 2, "select": "best"}
     # multiple-choice prompts at T = 1: the tiny base gets some groups right, so GRPO has a gradient
     cfg["sampling"].update(temperature=1.0, max_new_tokens=64)
     return cfg
@@ -48,26 +50,26 @@ def child_env():
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def train_in_process(cfg, base, data, run_dir):
+def train_in_process(cfg, base, data, run_dir, val_data=None):
     """One plain process, as `python -m trace train` (the test process has torch and transformers loaded)."""
     from trace.train.trainer import Trainer
 
     torch.set_num_threads(1)
     started = time.time()
-    Trainer(cfg, base, data, run_dir).fit()
+    Trainer(cfg, base, data, run_dir, val_path=val_data).fit()
     TIMES[f"1 process: {run_dir.name}"] = time.time() - started
 
 
 def torchrun(jobs, tmp):
     """Several `python -m trace train` jobs in one 2-process torchrun launch (tests/torchrun_jobs.py)."""
     spec = tmp / "jobs.json"
-    spec.write_text(json.dumps([dict(cfg=cfg, base=str(base), train_data=str(data), run_dir=str(run))
-                                for cfg, base, data, run in jobs]))
+    spec.write_text(json.dumps([dict(cfg=cfg, base=str(base), train_data=str(data), run_dir=str(run),
+                                     val_data=str(val) if val else None) for cfg, base, data, run, val in jobs]))
     started = time.time()
     done = subprocess.run(TORCHRUN + [str(REPO_ROOT / "tests" / "torchrun_jobs.py"), str(spec)], cwd=REPO_ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    TIMES["torchrun 2 processes: " + ", ".join(run.name for *_, run in jobs)] = time.time() - started
+    TIMES["torchrun 2 processes: " + ", ".join(run.name for *_, run, _ in jobs)] = time.time() - started
     return "\n".join(line for line in done.stderr.splitlines() if " trace." in line)  # the trainers' log lines
 
 
@@ -139,7 +141,8 @@ def runs(tiny_base, toy_data, tmp_path_factory):
     made = {name: root / name for name in ("grpo_1p", "trace_fkl_1p", "grpo_2p", "trace_fkl_2p", "grpo_2to1",
                                            "grpo_1to2")}
     train_in_process(run_config("grpo"), tiny_base, data, made["grpo_1p"])
-    train_in_process(run_config("trace_fkl"), tiny_base, data, made["trace_fkl_1p"])
+    val = toy_data / "val.jsonl"
+    train_in_process(run_config("trace_fkl"), tiny_base, data, made["trace_fkl_1p"], val)
     train_in_process(run_config("grpo", steps=2), tiny_base, data, made["grpo_1to2"])
 
     # 1. the real CLI under torchrun, killed mid-run
@@ -159,9 +162,9 @@ def runs(tiny_base, toy_data, tmp_path_factory):
     shutil.copytree(run_dir / "work", made["grpo_2to1"] / "work")
 
     # 2. resume it, TRACE-FKL, and extend the 2-step one-process run under 2 ranks: one torchrun launch
-    log = torchrun([(run_config("grpo"), tiny_base, data, run_dir),
-                    (run_config("trace_fkl"), tiny_base, data, made["trace_fkl_2p"]),
-                    (run_config("grpo"), tiny_base, data, made["grpo_1to2"])], root)
+    log = torchrun([(run_config("grpo"), tiny_base, data, run_dir, None),
+                    (run_config("trace_fkl"), tiny_base, data, made["trace_fkl_2p"], val),
+                    (run_config("grpo"), tiny_base, data, made["grpo_1to2"], None)], root)
 
     # 3. the killed run's 2-rank checkpoint in one plain process
     train_in_process(run_config("grpo"), tiny_base, data, made["grpo_2to1"])
@@ -180,6 +183,11 @@ def test_two_processes_match_one(method, runs):
         assert all(r["teacher_active"] == 1 for r in rows)
         assert any(r["tokens_key"] + r["tokens_error"] > 0 for r in rows)
         assert rows[0]["annotator/requested"] == 16  # both ranks' rollouts, counted once
+        # validation under torchrun: both ranks' shares (3 + 2 padded to 3) merged; equal to one process
+        assert [r["step"] for r in rows if "val/mean_at_k" in r] == [1, 2]
+        assert all(r["val/n_problems"] == 5 and r["val/k"] == 2 for r in rows if "val/mean_at_k" in r)
+        best = json.loads((made["trace_fkl_2p"] / "work" / "best" / "validation.json").read_text())
+        assert best["step"] in (1, 2) and (made["trace_fkl_2p"] / "work" / "last" / "model.safetensors").exists()
 
 
 def test_killed_two_process_run_resumed_where_it_stopped(runs):

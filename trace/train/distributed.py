@@ -100,6 +100,14 @@ class Distributed:
         size = len(items) // self.world_size
         return self.rank * size, items[self.rank * size:(self.rank + 1) * size]
 
+    def share_padded(self, items: list) -> list[tuple[int | None, object]]:
+        """(global index, item) for this rank's contiguous share of any number of items, padded with
+        (None, items[0]) to the same length on every rank: sharded generation runs in lock-step, so
+        every rank makes the same calls; padded results are dropped."""
+        size = -(-len(items) // self.world_size)
+        mine = list(enumerate(items))[self.rank * size:(self.rank + 1) * size]
+        return mine + [(None, items[0])] * (size - len(mine))
+
     # ------------------------------------------------------------------ reductions (identity in one process)
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -266,14 +274,19 @@ def rollout_options(cfg: dict, dist_: Distributed, step: int, first_prompt: int,
     """train.rollout_rng: 'step' = one torch seed per step for the whole batch (a row's samples depend on
     the batch it is in); 'rollout' = each rollout its own generator (rollout_seed), so a rank's share
     reproduces the one-process rollouts; 'auto' = step in one plain process, rollout under torchrun."""
-    mode = cfg.get("rollout_rng", "auto")
-    if mode not in ("auto", "step", "rollout"):
-        raise ValueError(f"train.rollout_rng must be auto | step | rollout, not {mode!r}")
     seeds = None
-    if mode == "rollout" or (mode == "auto" and dist_.active):
+    if seeds_per_rollout(cfg, dist_):
         seeds = [rollout_seed(cfg["seed"], step, first_prompt + i, j)
                  for i in range(n_prompts) for j in range(cfg["group_size"])]
     return dict(row_seeds=seeds, synced=dist_.active)
+
+
+def seeds_per_rollout(cfg: dict, dist_: Distributed) -> bool:
+    """Whether train.rollout_rng gives each rollout its own generator (see rollout_options)."""
+    mode = cfg.get("rollout_rng", "auto")
+    if mode not in ("auto", "step", "rollout"):
+        raise ValueError(f"train.rollout_rng must be auto | step | rollout, not {mode!r}")
+    return mode == "rollout" or (mode == "auto" and dist_.active)
 
 
 def token_budget_plan(rollouts: RolloutBatch, token_budget: int, max_rows: int, dist_: Distributed) -> list[list[int]]:

@@ -37,7 +37,8 @@ from trace.prompting import render_prompt
 from trace.rollout import RolloutBatch, build_engine
 from trace.router import CORNERS, RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
-from trace.train.distributed import Distributed, rollout_options, token_budget_plan, trim_micro_batch
+from trace.train.distributed import (Distributed, rollout_options, rollout_seed, seeds_per_rollout, token_budget_plan,
+                                     trim_micro_batch)
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
 from trace.train.probe import probe_after_update, probe_before_update
 from trace.train.teacher import Teacher, teacher_prompt
@@ -161,9 +162,9 @@ class Trainer:
         self.annotator = annotator
         self.val_settings, self.val_records = validation_setup(cfg.get("validation") or {}, val_path)
         self.val_best = self._best_so_far()
-        if self.dist.active and (self.val_records or self.probe_steps):
-            raise ValueError("train.validation and train.probe do not run under torchrun yet (train.parallel: more "
-                             "than one process): switch them off for this run")
+        if self.dist.active and self.probe_steps:
+            raise ValueError("train.probe does not run under torchrun yet (train.parallel: more than one process): "
+                             "set train.probe.steps: [] for this run")
         if self.start_step > 0:
             self._load_trainer_state()
 
@@ -224,15 +225,23 @@ class Trainer:
         started, k = time.time(), self.val_settings["k"]
         engine = copy.copy(self.engine)  # the training engine; its sampling with validation's overrides
         engine.sampling = {**self.cfg["sampling"], **self.val_settings["sampling"]}
-        torch.manual_seed(self.cfg["seed"] * 1_000_003 + 500_000 + step)  # a stream apart from training's
-        correct: list[list[bool]] = []
-        for start in range(0, len(self.val_records), self.cfg["batch_prompts"]):
-            chunk = self.val_records[start:start + self.cfg["batch_prompts"]]
+        stream = 500_000 + step  # apart from training's streams
+        torch.manual_seed(self.cfg["seed"] * 1_000_003 + stream)
+        per_rollout = seeds_per_rollout(self.cfg, self.dist)  # then any number of ranks draws the same samples
+        mine = self.dist.share_padded(self.val_records)  # under torchrun each rank validates its share
+        graded: dict[int, list[bool]] = {}
+        for start in range(0, len(mine), self.cfg["batch_prompts"]):
+            chunk = mine[start:start + self.cfg["batch_prompts"]]
+            seeds = ([rollout_seed(self.cfg["seed"], stream, i or 0, j) for i, _ in chunk for j in range(k)]
+                     if per_rollout else None)
             texts = engine.generate(self.policy, [render_prompt(self.tokenizer, r, self.cfg["thinking"])
-                                                  for r in chunk], k).texts
-            grades = grade_many(texts, [r["answer"] for r in chunk for _ in range(k)],
-                                [r.get("kind", "math") for r in chunk for _ in range(k)])
-            correct += [grades[i * k:(i + 1) * k] for i in range(len(chunk))]
+                                                  for _, r in chunk], k, row_seeds=seeds, synced=self.dist.active).texts
+            grades = grade_many(texts, [r["answer"] for _, r in chunk for _ in range(k)],
+                                [r.get("kind", "math") for _, r in chunk for _ in range(k)])
+            graded.update({i: grades[n * k:(n + 1) * k] for n, (i, _) in enumerate(chunk) if i is not None})
+        self.dist.reshard(self.policy)
+        merged = {i: g for part in self.dist.gather_objects(graded) for i, g in part.items()}
+        correct = [merged[i] for i in range(len(self.val_records))]
         low, high = bootstrap_ci(per_problem_accuracy(correct))
         return {"val/mean_at_k": avg_at_k(correct), "val/ci95_low": low, "val/ci95_high": high, "val/k": k,
                 "val/n_problems": len(correct), "val_s": round(time.time() - started, 3)}
@@ -249,14 +258,18 @@ class Trainer:
         the earlier step), atomically like the checkpoint."""
         if self.val_best is not None and row["val/mean_at_k"] <= self.val_best["val/mean_at_k"]:
             return
-        self.val_best = {"step": step, "val/mean_at_k": row["val/mean_at_k"]}
+        self.val_best = {"step": step, "val/mean_at_k": row["val/mean_at_k"]}  # the same on every rank
         tmp = self.run.work / "best.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / "validation.json").write_text(json.dumps(self.val_best) + "\n")
-        shutil.rmtree(self.run.best, ignore_errors=True)
-        tmp.rename(self.run.best)
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.dist.barrier()
+        self.dist.save(self.policy, None, tmp, dtype=self.save_dtype)  # under torchrun: gathered, written by rank 0
+        if self.dist.is_main:
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "validation.json").write_text(json.dumps(self.val_best) + "\n")
+            shutil.rmtree(self.run.best, ignore_errors=True)
+            tmp.rename(self.run.best)
+        self.dist.barrier()
 
     # ------------------------------------------------------------------ one step
     def sample_prompts(self, step: int) -> list[dict]:
@@ -544,20 +557,28 @@ class Trainer:
         self.dist.barrier()
         return self.run.model
 
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """Saved policies are in train.dtype (under torchrun the fp32 master weights are cast)."""
+        return getattr(torch, self.cfg.get("dtype", "float32"))
+
     def _save_output_model(self) -> None:
         """model/ = the last policy, or (validation.select best) the best-on-validation one, with the
         last kept in work/last."""
         if self.val_settings["select"] != "best":
-            self.dist.save(self.policy, None, self.run.model, dtype=getattr(torch, self.cfg.get("dtype", "float32")))
+            self.dist.save(self.policy, None, self.run.model, dtype=self.save_dtype)
             if self.dist.is_main:
                 self.tokenizer.save_pretrained(self.run.model)
             return
-        shutil.rmtree(self.run.last, ignore_errors=True)
-        self.policy.save_pretrained(self.run.last)
-        self.tokenizer.save_pretrained(self.run.last)
-        shutil.rmtree(self.run.model, ignore_errors=True)
-        shutil.copytree(self.run.best, self.run.model)
-        log.info("model/ = the best-on-validation policy: %s", self.val_best)
+        if self.dist.is_main:
+            shutil.rmtree(self.run.last, ignore_errors=True)
+        self.dist.barrier()
+        self.dist.save(self.policy, None, self.run.last, dtype=self.save_dtype)
+        if self.dist.is_main:
+            self.tokenizer.save_pretrained(self.run.last)
+            shutil.rmtree(self.run.model, ignore_errors=True)
+            shutil.copytree(self.run.best, self.run.model)
+            log.info("model/ = the best-on-validation policy: %s", self.val_best)
 
 
 def validation_setup(settings: dict, val_path: Path | None) -> tuple[dict, list[dict]]:
