@@ -16,9 +16,9 @@ def test_dry_run_lists_the_whole_toy_study(tmp_path):
     result = snakemake(workdir=tmp_path, *("-n", "--cores", "2", "--forceall", "--quiet", "rules"))
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
-    # runs: 7 methods on each model + 3 annotator tiers + 3 mask ablations on toy-small = 20;
-    # evaluations: one lm-eval job per policy (all 5 benchmarks in one call): 2 bases + 20 runs
-    for rule, count in [("toy_data", 1), ("toy_base", 2), ("train", 20), ("evaluate", 22),
+    # runs: the 6 Table 2 methods on each model + 3 annotator tiers + 3 mask ablations on toy-small = 18;
+    # evaluations: one lm-eval job per policy (all 5 benchmarks in one call): 2 bases + 18 runs
+    for rule, count in [("toy_data", 1), ("toy_base", 2), ("train", 18), ("evaluate", 20),
                         ("aggregate", 1), ("report", 1)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), (rule, out[-1500:])
 
@@ -104,3 +104,14 @@ def test_export_cache_writes_the_report_settings_and_redraws_in_the_study_cache(
                  "results/cache/toy/tables/vs_grpo.csv", "results/cache/toy/figures/fig6_credit_map.png",
                  "results/tables/vs_grpo.md"):
         assert path in out, path
+
+
+def test_the_three_seed_config_trains_toy_small_only(tmp_path):
+    """workflow/configs/seeds3_small.yaml: `models: {toy-large: null}` leaves toy-large out of the study."""
+    result = snakemake(workdir=tmp_path, *("-n", "--cores", "2", "--forceall", "--quiet", "rules", "--configfile",
+                                           str(REPO_ROOT / "workflow" / "configs" / "seeds3_small.yaml")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    # 6 Table 2 methods x 3 seeds on toy-small; evaluations: its base + 18 runs; one base built
+    for rule, count in [("toy_base", 1), ("train", 18), ("evaluate", 19), ("report", 1)]:
+        assert any(line.split() == [rule, str(count)] for line in out.splitlines()), (rule, out[-1500:])

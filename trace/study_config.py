@@ -66,6 +66,8 @@ class Study:
         self.config: dict = {}
         for _, values in self.layers:
             self.config = deep_merge(self.config, values)
+        if isinstance(self.config.get("models"), dict):  # `models: {NAME: null}` leaves a model out of the study
+            self.config["models"] = {name: entry for name, entry in self.config["models"].items() if entry is not None}
 
     def source_of(self, path: Sequence[Any]) -> str:
         """The last layer that sets ``path`` (or one of its parents: a replaced section)."""
