@@ -116,8 +116,6 @@ def test_a_missing_or_malformed_cache_is_one_line_naming_the_file(cache, tmp_pat
     assert "\n" not in error and message in error and str(copy / named).rstrip("/") in error, error
 
 
-@pytest.mark.skipif(not shipped_caches(), reason="no shipped cache under results/shipped/ yet: remove this skipif "
-                                                 "once results/shipped/<study>/ is committed")
 def test_shipped_caches_redraw_to_their_committed_tables(tmp_path):
     caches = shipped_caches()
     assert caches, (f"no shipped cache: expected results/shipped/<study>/{SETTINGS} with aggregate/, tables/ and "
