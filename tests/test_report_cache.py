@@ -130,3 +130,11 @@ def test_shipped_caches_redraw_to_their_committed_tables(tmp_path):
             assert redrawn[name] == data, f"{shipped}/tables/{name} differs from its redraw (re-export the cache)"
         for name in _files(shipped / "figures"):
             assert (out / "figures" / name).stat().st_size > 0, f"{shipped}/figures/{name} is not redrawn"
+
+
+def test_the_readme_shows_the_shipped_main_table():
+    """README's default-study table is the shipped cache's, not a hand-copied older one."""
+    table = [line for line in (REPO_ROOT / "results" / "shipped" / "toy" / "tables" / "main_results.md")
+             .read_text().splitlines() if line.startswith("|")]
+    readme = (REPO_ROOT / "README.md").read_text().splitlines()
+    assert table and all(line in readme for line in table), "re-copy results/shipped/toy/tables/main_results.md"
