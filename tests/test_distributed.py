@@ -27,16 +27,16 @@ from conftest import REPO_ROOT
 BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
 TIMING = ("rollout_s", "step_s", "val_s", "annotator/wall_s", "annotator/latency_s_sum", "annotator/latency_s_max",
           "annotator/latency_s_mean")
-METRIC_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+METRIC_RTOL, WEIGHT_ATOL, PROBE_RTOL = 1e-5, 1e-5, 1e-3
 
 
 def run_config(method, steps=3):
     cfg = copy.deepcopy(BASE_TRAIN)
     cfg.update(method=method, seed=0, thinking=False, steps=steps, batch_prompts=4, group_size=4,
-               micro_batch_size=4, lr=1e-3, save_every=1, rollout_rng="rollout",
-               probe={"steps": []})  # the mechanism probe does not run under torchrun yet
-    if method == "trace_fkl":  # validated (5 problems: one rank's share is padded) and the best kept
+               micro_batch_size=4, lr=1e-3, save_every=1, rollout_rng="rollout", probe={"steps": []})
+    if method == "trace_fkl":  # validated (5 problems: one rank's share is padded), the best kept, and probed
         cfg["validation"] = {"every": 2, "n_problems": 5, "k": 2, "select": "best"}
+        cfg["probe"] = {"steps": [0, 2]}
     # multiple-choice prompts at T = 1: the tiny base gets some groups right, so GRPO has a gradient
     cfg["sampling"].update(temperature=1.0, max_new_tokens=64)
     return cfg
@@ -94,7 +94,20 @@ def assert_same_run(a, b, steps=None):
     for ra, rb in zip(rows_a, rows_b):
         assert set(ra) == set(rb)
         for key in set(ra) - set(TIMING):
-            assert rb[key] == pytest.approx(ra[key], rel=METRIC_RTOL, abs=1e-6), (ra["step"], key)
+            if key == "probe/map":  # Fig 6's rollout: the same tokens and spans, credits within tolerance
+                map_a, map_b = ra[key], rb[key]
+                same = ("rollout", "tokens", "span")
+                assert [map_a[k] for k in same] == [map_b[k] for k in same]
+                # ~1e-6 per token (below) plus the map's rounding to 6 decimals
+                assert map_b["credit"] == pytest.approx(map_a["credit"], rel=PROBE_RTOL, abs=3e-6)
+                continue
+            # probe/*: one update's Δ log π (~1e-3 nats) of weights equal to ~1e-7, so ~1e-6 absolute per
+            # token; the concentration, a ratio of two such means, is good to ~1e-3 relative
+            rel = PROBE_RTOL if key.startswith("probe/") else METRIC_RTOL
+            if ra[key] is None:  # e.g. no teacher-supported key token on this step, in both runs
+                assert rb[key] is None, (ra["step"], key)
+                continue
+            assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-6), (ra["step"], key)
             worst = max(worst, abs(rb[key] - ra[key]))
     wa, wb = weights(a), weights(b)
     assert set(wa) == set(wb)
@@ -186,6 +199,9 @@ def test_two_processes_match_one(method, runs):
         # validation under torchrun: both ranks' shares (3 + 2 padded to 3) merged; equal to one process
         assert [r["step"] for r in rows if "val/mean_at_k" in r] == [1, 2]
         assert all(r["val/n_problems"] == 5 and r["val/k"] == 2 for r in rows if "val/mean_at_k" in r)
+        # the mechanism probe under torchrun: both ranks' rollouts (equal to one process: assert_same_run)
+        assert [r["step"] for r in rows if "probe/credit_inside" in r] == [0, 2]
+        assert rows[0]["probe/tokens_span"] > 0 and "probe/map" in rows[0]
         best = json.loads((made["trace_fkl_2p"] / "work" / "best" / "validation.json").read_text())
         assert best["step"] in (1, 2) and (made["trace_fkl_2p"] / "work" / "last" / "model.safetensors").exists()
 

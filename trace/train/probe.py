@@ -52,9 +52,11 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     return tokens_from_positions(logp, mask)
 
 
-def _masked_mean(values: torch.Tensor, where: torch.Tensor) -> float | None:
-    """None (JSON null) when no token is selected, e.g. a step without annotated key spans."""
-    return float(values[where].mean()) if where.any() else None
+def _masked_mean(dist_, values: torch.Tensor, where: torch.Tensor) -> float | None:
+    """Mean over every rank's selected tokens; None (JSON null) when no token is selected anywhere,
+    e.g. a step without annotated key spans."""
+    total, count = dist_.sum(torch.stack([values[where].double().sum(), where.sum().double()])).tolist()
+    return total / count if count else None
 
 
 def _micro_batches(n: int, size: int) -> list[slice]:
@@ -91,6 +93,7 @@ def probe_before_update(trainer, records: list[dict], rollouts, correct: torch.T
                                 micro)
     supported = capped.key.to(mask.device) & (teacher > student)
     with_span = spans.any(dim=1).nonzero()
+    trainer.dist.reshard(trainer.policy)
     return ProbeState(student, mask, spans, supported, int(with_span[0]) if len(with_span) else None)
 
 
@@ -99,18 +102,28 @@ def probe_after_update(trainer, rollouts, state: ProbeState) -> dict:
     cfg = trainer.cfg
     after = _batched_logprobs(trainer.policy, trainer.tokenizer, None, rollouts, cfg["sampling"]["temperature"],
                               cfg["logprob_chunk"], cfg["micro_batch_size"])
+    trainer.dist.reshard(trainer.policy)
     change = (after - state.logp_before).float()
     credit = change.abs()
     inside, outside = state.spans & state.mask, ~state.spans & state.mask
-    row = {"probe/credit_inside": _masked_mean(credit, inside), "probe/credit_outside": _masked_mean(credit, outside),
-           "probe/logprob_lift_key_supported": _masked_mean(change, state.supported_key),
-           "probe/tokens_key_supported": float(state.supported_key.sum()), "probe/tokens_span": float(inside.sum())}
+    dist_ = trainer.dist  # under torchrun: this rank's rollouts; the means and counts are over all ranks
+    row = {"probe/credit_inside": _masked_mean(dist_, credit, inside),
+           "probe/credit_outside": _masked_mean(dist_, credit, outside),
+           "probe/logprob_lift_key_supported": _masked_mean(dist_, change, state.supported_key),
+           "probe/tokens_key_supported": float(dist_.sum(state.supported_key.sum())),
+           "probe/tokens_span": float(dist_.sum(inside.sum()))}
     if row["probe/credit_inside"] is not None and row["probe/credit_outside"]:
         row["probe/credit_concentration"] = row["probe/credit_inside"] / row["probe/credit_outside"]
+    credit_map = None
     if state.map_row is not None:
         i, length = state.map_row, int(state.mask[state.map_row].sum())
         ids = rollouts.completion_ids[i, :length].tolist()
-        row["probe/map"] = {"rollout": i, "tokens": trainer.tokenizer.convert_ids_to_tokens(ids),
-                            "credit": [round(float(c), 6) for c in credit[i, :length]],
-                            "span": [int(s) for s in state.spans[i, :length]]}
+        credit_map = {"rollout": dist_.rank * len(rollouts.texts) + i,  # ranks hold contiguous shares
+                      "tokens": trainer.tokenizer.convert_ids_to_tokens(ids),
+                      "credit": [round(float(c), 6) for c in credit[i, :length]],
+                      "span": [int(s) for s in state.spans[i, :length]]}
+    # the first rollout with a span over all ranks, as one process would pick it
+    credit_map = next((m for m in dist_.gather_objects(credit_map) if m is not None), None)
+    if credit_map is not None:
+        row["probe/map"] = credit_map
     return row

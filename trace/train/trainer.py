@@ -162,9 +162,6 @@ class Trainer:
         self.annotator = annotator
         self.val_settings, self.val_records = validation_setup(cfg.get("validation") or {}, val_path)
         self.val_best = self._best_so_far()
-        if self.dist.active and self.probe_steps:
-            raise ValueError("train.probe does not run under torchrun yet (train.parallel: more than one process): "
-                             "set train.probe.steps: [] for this run")
         if self.start_step > 0:
             self._load_trainer_state()
 
