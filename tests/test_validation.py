@@ -52,8 +52,8 @@ def test_val_mean_at_k_equals_a_recomputation_from_the_sampled_completions(tiny_
     sampled = []  # the real engine runs; we only keep what it returned
     original = HFRolloutEngine.generate
 
-    def keep(self, model, prompts, n):
-        batch = original(self, model, prompts, n)
+    def keep(self, model, prompts, n, **options):  # options: row_seeds, synced (the engine's keywords)
+        batch = original(self, model, prompts, n, **options)
         sampled.append((len(prompts), n, self.sampling, batch.texts))
         return batch
 
@@ -77,7 +77,7 @@ def test_validation_sampling_overrides_reach_the_engine(tiny_base, toy_data, tmp
     seen = []
     original = HFRolloutEngine.generate
     monkeypatch.setattr(HFRolloutEngine, "generate",
-                        lambda self, *a: seen.append(dict(self.sampling)) or original(self, *a))
+                        lambda self, *a, **kw: seen.append(dict(self.sampling)) or original(self, *a, **kw))
     trainer.validate(step=0)
     assert seen and all(s == {**trainer.cfg["sampling"], "max_new_tokens": 5} for s in seen)
     assert trainer.engine.sampling["max_new_tokens"] == 96  # training's engine is untouched
