@@ -257,12 +257,8 @@ class Trainer:
             return
         self.val_best = {"step": step, "val/mean_at_k": row["val/mean_at_k"]}  # the same on every rank
         tmp = self.run.work / "best.tmp"
+        self._save_policy(tmp)
         if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.dist.barrier()
-        self.dist.save(self.policy, None, tmp, dtype=self.save_dtype)  # under torchrun: gathered, written by rank 0
-        if self.dist.is_main:
-            self.tokenizer.save_pretrained(tmp)
             (tmp / "validation.json").write_text(json.dumps(self.val_best) + "\n")
             shutil.rmtree(self.run.best, ignore_errors=True)
             tmp.rename(self.run.best)
@@ -554,25 +550,24 @@ class Trainer:
         self.dist.barrier()
         return self.run.model
 
-    @property
-    def save_dtype(self) -> torch.dtype:
-        """Saved policies are in train.dtype (under torchrun the fp32 master weights are cast)."""
-        return getattr(torch, self.cfg.get("dtype", "float32"))
+    def _save_policy(self, folder: Path) -> None:
+        """The policy in train.dtype (under torchrun gathered from the fp32 master shards) and the tokenizer
+        as a fresh Hugging Face folder, written by rank 0."""
+        if self.dist.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.dist.barrier()
+        self.dist.save(self.policy, None, folder, dtype=getattr(torch, self.cfg.get("dtype", "float32")))
+        if self.dist.is_main:
+            self.tokenizer.save_pretrained(folder)
 
     def _save_output_model(self) -> None:
         """model/ = the last policy, or (validation.select best) the best-on-validation one, with the
         last kept in work/last."""
         if self.val_settings["select"] != "best":
-            self.dist.save(self.policy, None, self.run.model, dtype=self.save_dtype)
-            if self.dist.is_main:
-                self.tokenizer.save_pretrained(self.run.model)
+            self._save_policy(self.run.model)
             return
+        self._save_policy(self.run.last)
         if self.dist.is_main:
-            shutil.rmtree(self.run.last, ignore_errors=True)
-        self.dist.barrier()
-        self.dist.save(self.policy, None, self.run.last, dtype=self.save_dtype)
-        if self.dist.is_main:
-            self.tokenizer.save_pretrained(self.run.last)
             shutil.rmtree(self.run.model, ignore_errors=True)
             shutil.copytree(self.run.best, self.run.model)
             log.info("model/ = the best-on-validation policy: %s", self.val_best)
