@@ -5,7 +5,9 @@ init: no weights needed) under torchrun + FSDP2 in bf16 on all visible GPUs; pri
     python scripts/gpu_check.py                  # CUDA: every visible GPU, bf16 compute, fp32 master weights
     python scripts/gpu_check.py --device cpu     # the same code as a dry run: 2 gloo CPU processes, fp32
 
-Rollouts use the trainer's rollout engine (Hugging Face generate). Exit status 0 on PASS, 1 on FAIL.
+Rollouts: ``--engine vllm`` (the paper study's: vLLM colocated in every rank, weights pushed after every
+step, sleeping while the policy trains), ``hf`` (Hugging Face generate through the sharded policy), or
+``auto`` (vllm when it is installed). Exit status 0 on PASS, 1 on FAIL.
 PASS: every method ran every step on every rank with finite losses and gradient norms, the teacher ran
 for TRACE-FKL, and the final model was written.
 """
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +45,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step (a multiple of --nproc)")
     p.add_argument("--group", type=int, default=4, help="rollouts per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="rollout engine (train.rollout.engine); auto: vllm when installed, else hf")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -64,6 +69,14 @@ def launch(argv, args) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                __file__, *argv]
     return subprocess.run(command, cwd=REPO, env=env).returncode
+
+
+def rollout_engine(args) -> str:
+    if args.engine != "auto":
+        return args.engine
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") else "hf"
 
 
 def build_model_and_data(args, out: Path) -> tuple[Path, Path]:
@@ -121,8 +134,9 @@ def run_method(method: str, args, model_dir: Path, data: Path, out: Path, dist_:
                group_size=args.group, save_every=args.steps, device=args.device,
                dtype="bfloat16" if args.device == "cuda" else "float32", activation_checkpointing=True,
                micro_batch_tokens=args.micro_batch_tokens, rollout_rng="rollout",
-               validation={"every": 0}, probe={"steps": []})  # neither runs under torchrun yet
+               validation={"every": 0}, probe={"steps": []})  # this check times the training step only
     cfg["sampling"]["max_new_tokens"] = args.max_new_tokens
+    cfg["rollout"] = {**cfg["rollout"], "engine": rollout_engine(args), "max_model_len": 1024}
     if dist_.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist_.device)
     started = time.perf_counter()
@@ -144,6 +158,10 @@ def run_method(method: str, args, model_dir: Path, data: Path, out: Path, dist_:
         problems.append(f"steps {[r['step'] for r in rows]}")
     if not all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows):
         problems.append("non-finite loss or gradient norm")
+    if "rollout_logprob_gap" in rows[0]:  # vLLM's log-prob of its samples vs the trainer's (truncated sampling)
+        report["rollout_logprob_gap"] = max(r["rollout_logprob_gap"] for r in rows)
+        if not all(math.isfinite(r["rollout_logprob_gap"]) for r in rows):
+            problems.append("non-finite rollout log-prob gap")
     if method != "grpo" and not any(r.get("teacher_active") for r in rows):
         problems.append("the teacher never ran")
     if not (out / method / "model" / "config.json").exists():
@@ -159,6 +177,8 @@ def main(argv=None) -> int:
     dist_ = Distributed(args.device)
     out = Path(args.out)
     if dist_.is_main:
+        for method in args.methods:  # a check starts fresh: it never resumes an earlier check's runs
+            shutil.rmtree(out / method, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         build_model_and_data(args, out)
     dist_.barrier()
@@ -166,7 +186,8 @@ def main(argv=None) -> int:
     if dist_.is_main:
         name = torch.cuda.get_device_name(dist_.device) if dist_.device.type == "cuda" else "cpu"
         print(f"\n# gpu_check: {dist_.world_size} × {name}, Qwen3 hidden {args.hidden} × {args.layers} layers, real "
-              f"tokenizer, {args.prompts} prompts × {args.group} rollouts, ≤ {args.max_new_tokens} new tokens, "
+              f"tokenizer, {rollout_engine(args)} rollouts, {args.prompts} prompts × {args.group} rollouts, "
+              f"≤ {args.max_new_tokens} new tokens, "
               f"{args.steps} steps; seconds summed over steps (slowest rank); peak memory: max over ranks of "
               f"{'max_memory_allocated' if dist_.device.type == 'cuda' else 'the process peak RSS so far'}")
         print("| method | " + " | ".join(f"{p} (s)" for p in PHASES) + " | total (s) | peak memory (MiB) |")
@@ -174,10 +195,18 @@ def main(argv=None) -> int:
         for method, r in results.items():
             print(f"| {method} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES)
                   + f" | {r['total_s']:.1f} | {r['peak_mib']:.0f} |")
+        gaps = {m: r["rollout_logprob_gap"] for m, r in results.items() if "rollout_logprob_gap" in r}
+        if gaps:
+            print("rollout log-prob gap, vLLM vs trainer (mean |Δ| per sampled token, max over steps; −log of the "
+                  "kept top-k/top-p mass plus rounding): " + ", ".join(f"{m} {g:.3g}" for m, g in gaps.items()))
         (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
     problems = [f"{m}: {p}" for m, r in results.items() for p in r["problems"]]
     if dist_.is_main:
         print("gpu_check: PASS" if not problems else "gpu_check: FAIL: " + "; ".join(problems))
+    if "vllm" in sys.modules:  # the ranks' engines share the process group: shut them down first
+        from trace.rollout.vllm_engine import shutdown_engines
+
+        shutdown_engines()
     dist_.close()
     return 1 if problems else 0
 

@@ -13,6 +13,9 @@ that one small weight update makes (> 1e-2, asserted in (b)).
 """
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,6 +250,24 @@ def test_static_tier_samples_from_its_own_frozen_vllm_engine(engine, tiny_qwen3,
     static.close()
 
 
+def test_dropping_a_second_engine_leaves_the_first_working(engine, policy, tiny_qwen3, tokenizer, tmp_path):
+    """vLLM's shutdown of one engine tears down the parallel state every engine of the process uses (the
+    rollout engine then failed: "pipeline model parallel group is not initialized"); the trainer drops
+    the static tier's engine at kl.end, so engines live until the process ends."""
+    import gc
+
+    from trace.rollout.vllm_engine import _LIVE_ENGINES
+
+    second = build_engine(run_config(), tokenizer, tiny_qwen3, tmp_path / "cache")
+    second.close()
+    del second
+    gc.collect()
+    engine.sync_weights(policy)
+    rollouts = engine.generate(policy, prompts(tokenizer), 2)
+    assert rollouts.completion_ids.shape[0] == 4 and rollouts.completion_mask.sum() > 0
+    assert len(_LIVE_ENGINES) >= 2  # the dropped engine is kept (asleep on GPUs) until the process ends
+
+
 def test_frozen_tier_is_served_by_a_vllm_server_the_job_starts_and_stops(tiny_qwen3):
     """The served frozen tier on CPU: a real `vllm.entrypoints.openai.api_server` subprocess (2–4 min
     to start on this shared 2-core machine), asked through the HTTP backend."""
@@ -270,3 +291,26 @@ def test_frozen_tier_is_served_by_a_vllm_server_the_job_starts_and_stops(tiny_qw
     process = annotator.server.proc
     del annotator, results   # the server is stopped with its annotator (as when the trainer drops it)
     assert process.poll() is not None
+
+
+def test_under_torchrun_each_rank_keeps_its_engines_past_kl_end(tiny_qwen3, train_path, tmp_path):
+    """2 gloo ranks, each with its own vLLM engine in the trainer's process group and the static tier's
+    frozen engine. At kl.end the trainer drops the annotator; vLLM's engine shutdown would destroy the
+    trainer's process group there (the step's all-reduces would then fail), so engines under torchrun live
+    until the process ends (trace/rollout/vllm_engine.py). Same rollouts per prompt on any rank count."""
+    cfg = run_config("trace_fkl", steps=3, batch_prompts=2, rollout_rng="rollout",
+                     kl={**BASE_TRAIN["kl"], "warmup": 1, "end": 2, "teacher_sync_every": 1},
+                     annotator={"tier": "static", "mode": "prompted", "prompted": {"max_new_tokens": 8}})
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps([dict(cfg=cfg, base=str(tiny_qwen3), train_data=str(train_path),
+                                     run_dir=str(tmp_path / "run"))]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRACE_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO_ROOT / "tests" / "torchrun_jobs.py"), str(spec)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and [r["teacher_active"] for r in rows] == [1, 1, 0]
+    assert all(r["rollout_logprob_gap"] < LOGPROB_TOL for r in rows)  # both ranks sampled the trained weights
+    assert "Invalid process group" not in done.stderr

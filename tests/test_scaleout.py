@@ -136,13 +136,19 @@ def test_gpu_check_says_it_needs_cuda():
 
 
 @pytest.mark.skipif(not (QWEN3 / "tokenizer.json").exists(), reason="needs ../shared/models/qwen3")
-def test_gpu_check_dry_run_on_cpu(tmp_path):
-    """The same code on 2 gloo CPU processes: a random-init Qwen3 with the real tokenizer, 2 steps each."""
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_gpu_check_dry_run_on_cpu(engine, tmp_path):
+    """The same code on 2 gloo CPU processes: a random-init Qwen3 with the real tokenizer, 2 steps each;
+    with vLLM every rank's engine takes the gathered FSDP2 weights after each step."""
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed")
+    hidden = "64" if engine == "vllm" else "32"  # head_dim 32: vLLM's CPU attention minimum
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(GPU_CHECK + ["--device", "cpu", "--hidden", "32", "--layers", "1", "--heads", "2",
-                                       "--kv-heads", "1", "--prompts", "2", "--group", "2", "--max-new-tokens", "8",
-                                       "--steps", "2", "--micro-batch-tokens", "40", "--out", str(tmp_path)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(GPU_CHECK + ["--device", "cpu", "--engine", engine, "--hidden", hidden, "--layers", "1",
+                                       "--heads", "2", "--kv-heads", "1", "--prompts", "2", "--group", "2",
+                                       "--max-new-tokens", "8", "--steps", "2", "--micro-batch-tokens", "40",
+                                       "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "gpu_check: PASS" in done.stdout
     lines = [line for line in done.stdout.splitlines() if line.startswith(("| trace_fkl", "| grpo"))]
@@ -151,3 +157,4 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         cells = [float(c) for c in line.strip("|").split("|")[1:]]
         assert all(math.isfinite(c) and c >= 0 for c in cells) and cells[0] > 0  # rollout time
     assert float(lines[0].strip("|").split("|")[2]) > 0  # trace_fkl's teacher forward ran
+    assert (f"{engine} rollouts" in done.stdout) and (("rollout log-prob gap" in done.stdout) == (engine == "vllm"))

@@ -1,6 +1,10 @@
 """The Snakemake DAG: the default study lists every stage; bad config is rejected by the schema."""
+import json
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from conftest import REPO_ROOT
 
@@ -115,3 +119,28 @@ def test_the_three_seed_config_trains_toy_small_only(tmp_path):
     # 6 Table 2 methods x 3 seeds on toy-small; evaluations: its base + 18 runs; one base built
     for rule, count in [("toy_base", 1), ("train", 18), ("evaluate", 19), ("report", 1)]:
         assert any(line.split() == [rule, str(count)] for line in out.splitlines()), (rule, out[-1500:])
+
+
+def test_vllm_rollouts_on_cpu_refuse_heads_narrower_than_32(tmp_path):
+    """toy-small's head_dim 16 fails inside vLLM's CPU attention: the plan stops first, naming the model;
+    workflow/configs/toy_vllm.yaml widens its heads and plans."""
+    overlay = tmp_path / "vllm.yaml"
+    overlay.write_text("train:\n  rollout: {engine: vllm}\n")
+    refused = snakemake("-n", "--cores", "1", "--configfile", str(overlay), workdir=tmp_path)
+    message = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "models.toy-small has head_dim 16" in message and "config key train.rollout.engine" in message
+    widened = snakemake("-n", "--cores", "1", "--quiet", "rules", "--configfile",
+                        str(REPO_ROOT / "workflow" / "configs" / "toy_vllm.yaml"), workdir=tmp_path)
+    assert widened.returncode == 0, widened.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for vLLM's CPU attention")
+def test_the_engine_refuses_a_narrow_head_before_loading_vllm(tmp_path):
+    from trace.rollout import check_vllm_head_dim
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match="head_dim >= 32.*has head_dim 16"):
+        check_vllm_head_dim(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}))
+    check_vllm_head_dim(tmp_path)  # wide enough: no error

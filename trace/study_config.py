@@ -125,6 +125,7 @@ def validate(study: Study, schema_path: Path) -> dict:
                                f"{_short(error)}")
     _check_cross_references(study)
     _resolve_auto_devices(study)
+    _check_vllm_cpu_head_dim(study)
     return study.config
 
 
@@ -153,6 +154,27 @@ def _check_cross_references(study: Study) -> None:
     if config.get("study") == "paper" and "toy" in config:
         raise StudyConfigError(f"config key toy (from {study.source_of(['toy'])}): the paper study has no toy "
                                f"world; remove the key (did an override file add it?)")
+
+
+VLLM_CPU_MIN_HEAD_DIM = 32  # as trace/rollout (not imported here: Snakemake loads this file on its own)
+
+
+def _check_vllm_cpu_head_dim(study: Study) -> None:
+    """vLLM rollouts on CPU: every model's attention heads must be wide enough for vLLM's CPU kernels
+    (it would fail deep inside the first forward of each training job)."""
+    config = study.config
+    rollout = (config.get("train") or {}).get("rollout") or {}
+    if rollout.get("engine") == "vllm" and (config.get("train") or {}).get("device") == "cpu":
+        for name, model in (config.get("models") or {}).items():
+            size = (model or {}).get("size") or (model or {}).get("init", {}).get("size") or {}
+            head_dim = size.get("head_dim") or (size["hidden_size"] // size["num_heads"] if "num_heads" in size
+                                                else None)
+            if head_dim is not None and head_dim < VLLM_CPU_MIN_HEAD_DIM:
+                path = ["train", "rollout", "engine"]
+                raise StudyConfigError(
+                    f"config key {_key(path)} = 'vllm' (from {study.source_of(path)}): vLLM's CPU attention needs "
+                    f"head_dim >= {VLLM_CPU_MIN_HEAD_DIM}, but models.{name} has head_dim {head_dim}; set "
+                    f"models.{name}.size.head_dim (workflow/configs/toy_vllm.yaml) or use engine 'hf'")
 
 
 # ---- What each job asks its executor for ------------------------------------------------------------

@@ -60,9 +60,31 @@ def build_engine(cfg: Mapping, tokenizer, weights: Path | str, cache_dir: Path |
     sampling = cfg["sampling"] if sampling is None else sampling
     if settings["engine"] == "hf":
         return HFRolloutEngine(tokenizer, sampling)
+    check_vllm_head_dim(weights)
     from .vllm_engine import VLLMRolloutEngine
 
     return VLLMRolloutEngine(weights, tokenizer, sampling, settings, int(cfg.get("seed", 0)), Path(cache_dir))
+
+
+VLLM_CPU_MIN_HEAD_DIM = 32  # vLLM's CPU attention: 32, 64, 80, 96, 112, 128 and up (16 fails at the first forward)
+
+
+def check_vllm_head_dim(weights: Path | str) -> None:
+    """On a machine without CUDA, fail before loading vLLM when the model's attention heads are too
+    narrow for vLLM's CPU attention (it would fail deep inside the first forward)."""
+    import json
+
+    import torch
+
+    config_file = Path(weights) / "config.json"
+    if torch.cuda.is_available() or not config_file.exists():
+        return
+    config = json.loads(config_file.read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim < VLLM_CPU_MIN_HEAD_DIM:
+        raise ValueError(f"train.rollout.engine 'vllm' on CPU needs head_dim >= {VLLM_CPU_MIN_HEAD_DIM}, but "
+                         f"{config_file} has head_dim {head_dim}: use engine 'hf' for this model, or give the toy "
+                         f"model a wider head (models.<name>.size.head_dim, workflow/configs/toy_vllm.yaml)")
 
 
 __all__ = ["RolloutBatch", "completion_mask_from_ids", "pad_right", "HFRolloutEngine", "ENGINES", "DEFAULTS",

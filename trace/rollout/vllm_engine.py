@@ -51,8 +51,12 @@ SLEEP_TAGS = ("weights", "kv_cache", "scheduling")
 
 def set_vllm_environment(cache_dir: Path, kv_cache_gib: float) -> None:
     """Process-wide vLLM settings, before the first engine is built: in-process engine, caches in
-    folders we own (an explicit environment wins), the CPU KV cache size."""
+    folders we own (an explicit environment wins), the CPU KV cache size, and on CPU no thread pinning:
+    vLLM's default pins its threads to every core of the node (and then ignores torch.set_num_threads),
+    so two jobs sharing a node would fight over the same cores instead of keeping the threads their
+    job was given (trace/cli.py)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
@@ -78,10 +82,15 @@ class VLLMRolloutEngine:
         self.sleep_level = int(settings["sleep_level"]) if self.cuda and settings["sleep_mode"] else 0
         gpu = dict(gpu_memory_utilization=settings["gpu_memory_utilization"],
                    enable_sleep_mode=bool(self.sleep_level)) if self.cuda else {}
+        # under torchrun every rank runs its own engine on its own device (LOCAL_RANK) inside the trainer's
+        # process group, as TRL's colocate mode and verl do; the default executor would put all on device 0
+        launcher = ({"distributed_executor_backend": "external_launcher"}
+                    if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {})
         started = time.perf_counter()
         self.llm = LLM(model=str(weights), tokenizer=tokenizer.name_or_path, dtype=settings["dtype"],
                        max_model_len=settings["max_model_len"], enforce_eager=settings["enforce_eager"], seed=seed,
-                       logprobs_mode=LOGPROBS_MODE, generation_config="vllm", **gpu)
+                       logprobs_mode=LOGPROBS_MODE, generation_config="vllm", **gpu, **launcher)
+        _LIVE_ENGINES.append(self.llm)  # never shut down mid-run: see _LIVE_ENGINES
         self.load_s = time.perf_counter() - started
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.asleep: set[str] = set()
@@ -91,7 +100,7 @@ class VLLMRolloutEngine:
 
     # ------------------------------------------------------------------ GPU memory alternation
     def _sleep(self) -> None:
-        if self.sleep_level:
+        if self.sleep_level and self.llm is not None and self.asleep != set(SLEEP_TAGS):
             self.llm.sleep(level=self.sleep_level)
             self.asleep = set(SLEEP_TAGS)
 
@@ -165,10 +174,25 @@ class VLLMRolloutEngine:
         self.last_sync_s = time.perf_counter() - started
 
     def close(self) -> None:
-        """Free the engine (its weights and KV cache)."""
-        import gc
-
+        """Done with this engine: on GPUs it sleeps (its memory released, with sleep_mode), and it is
+        shut down with the process (see ``_LIVE_ENGINES``)."""
+        self._sleep()
         self.llm = None
-        gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+# vLLM's engine shutdown (run when an engine is garbage-collected) tears down vLLM's process-wide
+# parallel state and the default process group (vllm.distributed.cleanup_dist_env_and_memory). Every
+# other engine of the process then fails ("pipeline model parallel group is not initialized"), and under
+# torchrun the trainer's own group is gone. An engine dropped mid-run (the static annotator tier's, freed
+# at kl.end) must therefore not shut down: every engine is kept here until the process ends.
+_LIVE_ENGINES: list = []
+
+
+def shutdown_engines() -> None:
+    """Shut down every engine of this process (this also destroys the default process group): for a
+    process that goes on to destroy that group itself (scripts/gpu_check.py), so that no engine's
+    finalizer runs at exit against a group already destroyed."""
+    while _LIVE_ENGINES:
+        _LIVE_ENGINES.pop().llm_engine.engine_core.shutdown()

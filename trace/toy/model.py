@@ -46,7 +46,8 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path):
 
 
 def build_model(tokenizer, size: dict, seed: int, out_dir: Path | None = None):
-    """A randomly initialised Qwen3ForCausalLM; ``size`` holds hidden/layers/heads (config.yaml)."""
+    """A randomly initialised Qwen3ForCausalLM; ``size`` holds hidden/layers/heads (config.yaml); the
+    head width is hidden_size / num_heads unless ``head_dim`` is given (vLLM on CPU needs >= 32)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -58,7 +59,7 @@ def build_model(tokenizer, size: dict, seed: int, out_dir: Path | None = None):
         num_hidden_layers=size["num_layers"],
         num_attention_heads=size["num_heads"],
         num_key_value_heads=size["num_kv_heads"],
-        head_dim=size["hidden_size"] // size["num_heads"],
+        head_dim=size.get("head_dim") or size["hidden_size"] // size["num_heads"],
         max_position_embeddings=size.get("max_positions", 512),
         tie_word_embeddings=True,
         bos_token_id=None,

@@ -320,7 +320,8 @@ def trim_micro_batch(rows, rollouts: RolloutBatch, advantages, correct, routed, 
     t = max(int(rollouts.completion_mask[rows].sum(1).max()), 1)
     sub = RolloutBatch(rollouts.prompt_ids[rows, P - p:], rollouts.prompt_mask[rows, P - p:],
                        rollouts.completion_ids[rows, :t], rollouts.completion_mask[rows, :t],
-                       [rollouts.texts[i] for i in rows])
+                       [rollouts.texts[i] for i in rows],
+                       None if rollouts.sampled_logprobs is None else rollouts.sampled_logprobs[rows, :t])
     if routed is not None:
         routed = RoutedMasks(routed.key[rows, :t], routed.error[rows, :t], routed.rest[rows, :t])
     prompts = None if teacher_prompts is None else [teacher_prompts[i] for i in rows]

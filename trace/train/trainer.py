@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -336,6 +337,7 @@ class Trainer:
         teacher_on = self.teacher is not None and self.schedule.teacher_forward_needed(step)
         if self.teacher is not None and not teacher_on:
             self.teacher = self.annotator = None  # frees their weights; pure GRPO from here on
+            gc.collect()
         if teacher_on:
             self.dist.reshard(self.teacher.model)
             self.teacher.update(self.policy, step)
@@ -513,6 +515,11 @@ class Trainer:
                     teacher_hidden[span], self.teacher.lm_head_weight, cfg["logprob_chunk"], temperature).sum()),
                     teacher_entropy_tokens=float(span.sum()))
         loss.backward()
+        if rollouts.sampled_logprobs is not None:
+            # the rollout engine's log-prob of its own samples vs the trainer's (verl's rollout_probs_diff):
+            # ~1e-6 when vLLM samples untruncated (top-k and top-p off), −log(kept mass) with truncation
+            gap = (logp.detach() - rollouts.sampled_logprobs[rows].to(logp.dtype)).abs()[mask]
+            metrics.update(rollout_logprob_gap_sum=float(gap.sum()), rollout_logprob_gap_tokens=float(gap.numel()))
         metrics.update(loss=float(loss.detach()), entropy_sum=float(entropy_flat.sum()),
                        clipped_high=float((clip["clipped_high"] & mask).sum()),
                        clipped_low=float((clip["clipped_low"] & mask).sum()))
