@@ -166,7 +166,9 @@ def _check_vllm_cpu_head_dim(study: Study) -> None:
     rollout = (config.get("train") or {}).get("rollout") or {}
     if rollout.get("engine") == "vllm" and (config.get("train") or {}).get("device") == "cpu":
         for name, model in (config.get("models") or {}).items():
-            size = (model or {}).get("size") or (model or {}).get("init", {}).get("size") or {}
+            model = model or {}
+            size_key = f"models.{name}.size" if "size" in model else f"models.{name}.init.size"
+            size = model.get("size") or (model.get("init") or {}).get("size") or {}
             head_dim = size.get("head_dim") or (size["hidden_size"] // size["num_heads"] if "num_heads" in size
                                                 else None)
             if head_dim is not None and head_dim < VLLM_CPU_MIN_HEAD_DIM:
@@ -174,7 +176,7 @@ def _check_vllm_cpu_head_dim(study: Study) -> None:
                 raise StudyConfigError(
                     f"config key {_key(path)} = 'vllm' (from {study.source_of(path)}): vLLM's CPU attention needs "
                     f"head_dim >= {VLLM_CPU_MIN_HEAD_DIM}, but models.{name} has head_dim {head_dim}; set "
-                    f"models.{name}.size.head_dim (workflow/configs/toy_vllm.yaml) or use engine 'hf'")
+                    f"{size_key}.head_dim (workflow/configs/toy_vllm.yaml) or use engine 'hf'")
 
 
 # ---- What each job asks its executor for ------------------------------------------------------------
