@@ -22,6 +22,15 @@ def _threads_from_env() -> None:
     torch.set_num_threads(int(os.environ.get("TRACE_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
+def _skip_sklearn_in_transformers() -> None:
+    """transformers' generation utilities import scikit-learn (4 s of a job's ~15 s start-up on this
+    CPU) only to tune assisted decoding's draft threshold, which no rollout or evaluation here uses.
+    Declaring it absent to transformers leaves scikit-learn importable for anyone else (lm-eval)."""
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = lambda: False
+
+
 def cmd_toy_data(args, cfg):
     from trace.toy.world import write_toy_data
 
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--cfg is not valid JSON: {exc}")
     if args.stage not in NO_TORCH:
         _threads_from_env()
+        _skip_sklearn_in_transformers()
     handler = STAGES[args.stage][0] if args.stage in STAGES else args.handler
     try:
         handler(args, cfg)
