@@ -41,7 +41,7 @@ def read_metrics(path):
 # toy requests: reference solutions (correct) and copies with one corrupted step (incorrect)
 # ----------------------------------------------------------------------------------------------
 def chain_text(steps):
-    return "\n".join([s.line(i + 1) for i, s in enumerate(steps)] + [f"The answer is \\boxed{{{steps[-1].result}}}."])
+    return "\n".join([s.line() for s in steps] + [f"\\boxed{{{steps[-1].result}}}"])
 
 
 def corrupt(solution, step=1, delta=3, where="result"):
@@ -74,7 +74,7 @@ def toy_requests(toy_data, tokenizer, n=12):
 # ----------------------------------------------------------------------------------------------
 # scoring and span choice on constructed log-probabilities
 # ----------------------------------------------------------------------------------------------
-REFERENCE = "Step 1: 3 + 2 = 5\nStep 2: 5 * 2 = 10\nStep 3: 10 - 4 = 6\nThe answer is \\boxed{6}."
+REFERENCE = "3+2=5\n5*2=10\n10-4=6\n\\boxed{6}"
 
 
 def word_tokens(text):
@@ -90,8 +90,8 @@ def constructed_scores(text, surprisal_of):
 
 
 def test_corrupted_result_is_marked_with_the_slip_label():
-    wrong = corrupt(REFERENCE, step=1, delta=2)          # Step 2: 5 * 2 = 12, then 12 - 4 = 8, boxed 8
-    assert wrong.split("\n")[1] == "Step 2: 5 * 2 = 12"
+    wrong = corrupt(REFERENCE, step=1, delta=2)          # 5*2=12, then 12-4=8, boxed 8
+    assert wrong.split("\n")[1] == "5*2=12"
     peak = wrong.index("12")                            # the wrong result: what an annotator doubts
     segments, scores, offsets = constructed_scores(
         wrong, lambda tok, t: 6.0 if word_tokens(wrong)[t][0] == peak else 0.05)
@@ -103,9 +103,9 @@ def test_corrupted_result_is_marked_with_the_slip_label():
 
 
 def test_corrupted_operand_is_a_misread_and_the_earliest_doubt_wins():
-    wrong = corrupt(REFERENCE, step=1, delta=1, where="operand")   # Step 2: 5 * 3 = 15 (problem says 2)
-    operand = wrong.index("* 3") + 2
-    later = wrong.index("Step 3")
+    wrong = corrupt(REFERENCE, step=1, delta=1, where="operand")   # 5*3=15 (the problem says 2)
+    operand = wrong.index("*3") + 1
+    later = wrong.index("15-4")
     segments, scores, _ = constructed_scores(
         wrong, lambda tok, t: (3.0 if word_tokens(wrong)[t][0] == operand
                                else 9.0 if word_tokens(wrong)[t][0] == later else 0.05))

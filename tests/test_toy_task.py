@@ -20,7 +20,8 @@ def test_splits_have_the_documented_shape(toy_data):
     ood = [json.loads(line) for line in (toy_data / "choice_ood.jsonl").read_text().splitlines()]
     assert all(r["kind"] == "mc" and r["answer"] in "ABCD" and len(r["choices"]) == 4 for r in ood)
     five_ops = [json.loads(line) for line in (toy_data / "arith_5op.jsonl").read_text().splitlines()]
-    assert all(r["solution"].count("Step ") == 5 for r in five_ops)
+    assert all(len(task.reference_steps(r["solution"])) == 5 for r in five_ops)
+    assert five_ops[0]["solution"].split("\n")[-1] == f"\\boxed{{{five_ops[0]['answer']}}}"
 
 
 def test_wrong_answers_grade_wrong():
@@ -30,25 +31,25 @@ def test_wrong_answers_grade_wrong():
 
 
 def test_oracle_marks_multiplications_and_first_wrong_step():
-    reference = "Step 1: 4 + 3 = 7\nStep 2: 7 * 2 = 14\nStep 3: 14 - 5 = 9\nThe answer is \\boxed{9}."
+    reference = "4+3=7\n7*2=14\n14-5=9\n\\boxed{9}"
     verdict = task.oracle_spans(reference, reference, is_correct=True)
     assert verdict.lines == (1,) and verdict.label == "decisive_computation"
-    slip = "Step 1: 4 + 3 = 7\nStep 2: 7 * 2 = 15\nStep 3: 15 - 5 = 10\nThe answer is \\boxed{10}."
+    slip = "4+3=7\n7*2=15\n15-5=10\n\\boxed{10}"
     assert task.oracle_spans(reference, slip, is_correct=False) == task.OracleVerdict((1,), "arithmetic_slip")
-    misread = "Step 1: 4 + 8 = 12\nStep 2: 12 * 2 = 24\nThe answer is \\boxed{24}."
+    misread = "4+8=12\n12*2=24\n\\boxed{24}"
     assert task.oracle_spans(reference, misread, False) == task.OracleVerdict((0,), "misread_problem")
-    short = "Step 1: 4 + 3 = 7\nThe answer is \\boxed{7}."
+    short = "4+3=7\n\\boxed{7}"
     assert task.oracle_spans(reference, short, False) == task.OracleVerdict((1,), "incomplete_solution")
 
 
 def test_demonstrator_slips_are_off_by_one_and_carried_through_the_chain():
     import random
 
-    reference = "Step 1: 7 + 3 = 10\nStep 2: 10 * 2 = 20\nStep 3: 20 - 4 = 16\nThe answer is \\boxed{16}."
+    reference = "7+3=10\n10*2=20\n20-4=16\n\\boxed{16}"
     assert task.demonstrator_solution(reference, random.Random(0), 0.0) == reference
     always = task.demonstrator_solution(reference, random.Random(0), 1.0)
     # every step slips by +1 and the next step starts from the slipped value
-    assert always == "Step 1: 7 + 3 = 11\nStep 2: 11 * 2 = 23\nStep 3: 23 - 4 = 20\nThe answer is \\boxed{20}."
+    assert always == "7+3=11\n11*2=23\n23-4=20\n\\boxed{20}"
     verdict = task.oracle_spans(reference, always, is_correct=False)
     assert verdict.lines == (0,) and verdict.label == "arithmetic_slip"
     # at rate 0.3 about 30% of steps slip; the final answer is wrong exactly when some step slipped

@@ -2,7 +2,8 @@
 
 It stands in for OpenThoughts math + the paper's benchmarks when no GPU or hub is available.
 A problem is a start value and a chain of operations; the reference solution does one
-operation per line and ends in ``\\boxed{}``. Because every step is checkable, the toy world
+operation per line in a compact form (``7+5=12``) and ends in ``\\boxed{12}``: short completions keep
+the default study within minutes on a CPU (about 30 tokens for 3 operations). Because every step is checkable, the toy world
 has a programmatic *span oracle*: it knows the decisive steps of a correct rollout (key spans)
 and the first wrong step of an incorrect one (error spans), with a diagnostic type label.
 
@@ -43,8 +44,8 @@ class Step:
     operand: int
     result: int
 
-    def line(self, number: int) -> str:
-        return f"Step {number}: {self.left} {_SYMBOL[self.operation]} {self.operand} = {self.result}"
+    def line(self) -> str:
+        return f"{self.left}{_SYMBOL[self.operation]}{self.operand}={self.result}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,8 @@ class Problem:
         return f"Start with {self.start}. Then {ops}. What is the result?"
 
     def solution(self, final: str | None = None) -> str:
-        lines = [s.line(i + 1) for i, s in enumerate(self.steps)]
-        lines.append(f"The answer is \\boxed{{{self.answer if final is None else final}}}.")
+        lines = [s.line() for s in self.steps]
+        lines.append(f"\\boxed{{{self.answer if final is None else final}}}")
         return "\n".join(lines)
 
 
@@ -137,16 +138,16 @@ def demonstrator_solution(reference_solution: str, rng: random.Random, slip_rate
     if not steps or slip_rate <= 0:
         return reference_solution
     lines, value = [], steps[0].left
-    for number, step in enumerate(steps, start=1):
+    for step in steps:
         result = _apply(step.operation, value, step.operand) + (rng.random() < slip_rate)
-        lines.append(Step(step.operation, value, step.operand, result).line(number))
+        lines.append(Step(step.operation, value, step.operand, result).line())
         value = result
-    lines.append(f"The answer is \\boxed{{{value}}}.")
+    lines.append(f"\\boxed{{{value}}}")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- span oracle
-_STEP_RE = re.compile(r"^Step (\d+): (-?\d+) ([+*-]) (-?\d+) = (-?\d+)\s*$")
+_STEP_RE = re.compile(r"^(\d+)([+*-])(\d+)=(-?\d+)\s*$")  # "left op operand=result"
 _OP_OF_SYMBOL = {v: k for k, v in _SYMBOL.items()}
 
 
@@ -158,12 +159,12 @@ class OracleVerdict:
 
 
 def reference_steps(reference_solution: str) -> list[Step]:
-    """The chain of a toy reference solution, read back from its "Step k: a op b = c" lines."""
+    """The chain of a toy reference solution, read back from its "a op b=c" lines."""
     steps = []
     for line in reference_solution.split("\n"):
         if match := _STEP_RE.match(line.strip()):
-            steps.append(Step(_OP_OF_SYMBOL[match.group(3)], int(match.group(2)), int(match.group(4)),
-                              int(match.group(5))))
+            steps.append(Step(_OP_OF_SYMBOL[match.group(2)], int(match.group(1)), int(match.group(3)),
+                              int(match.group(4))))
     return steps
 
 
@@ -178,7 +179,7 @@ def oracle_spans(reference_solution: str, response: str, is_correct: bool) -> Or
     lines = response.split("\n")
     if is_correct:
         key = [i for i, ln in enumerate(lines)
-               if (m := _STEP_RE.match(ln.strip())) and m.group(3) == "*"]
+               if (m := _STEP_RE.match(ln.strip())) and m.group(2) == "*"]
         if not key:
             key = [i for i, ln in enumerate(lines) if _STEP_RE.match(ln.strip())][-1:]
         return OracleVerdict(tuple(key), "decisive_computation")
@@ -193,8 +194,8 @@ def oracle_spans(reference_solution: str, response: str, is_correct: bool) -> Or
         if match is None or step_index >= len(expected_steps):
             return OracleVerdict((i,), "unjustified_step")
         expected = expected_steps[step_index]
-        left, symbol, operand, result = (int(match.group(2)), match.group(3),
-                                         int(match.group(4)), int(match.group(5)))
+        left, symbol, operand, result = (int(match.group(1)), match.group(2),
+                                         int(match.group(3)), int(match.group(4)))
         if left != expected.left or _OP_OF_SYMBOL[symbol] != expected.operation or operand != expected.operand:
             return OracleVerdict((i,), "misread_problem")
         if result != _apply(expected.operation, left, operand):
