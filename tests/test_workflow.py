@@ -122,14 +122,14 @@ def test_the_three_seed_config_trains_toy_small_only(tmp_path):
 
 
 def test_vllm_rollouts_on_cpu_refuse_heads_narrower_than_32(tmp_path):
-    """toy-small's head_dim 16 fails inside vLLM's CPU attention: the plan stops first, naming the model;
-    workflow/configs/toy_vllm.yaml widens its heads and plans."""
+    """toy-large's head_dim 24 (toy-small's 16) fails inside vLLM's CPU attention: the plan stops first,
+    naming the model; workflow/configs/toy_vllm.yaml widens both models' heads and plans."""
     overlay = tmp_path / "vllm.yaml"
     overlay.write_text("train:\n  rollout: {engine: vllm}\n")
     refused = snakemake("-n", "--cores", "1", "--configfile", str(overlay), workdir=tmp_path)
     message = refused.stdout + refused.stderr
     assert refused.returncode != 0
-    assert "models.toy-small has head_dim 16" in message and "config key train.rollout.engine" in message
+    assert "models.toy-large has head_dim 24" in message and "config key train.rollout.engine" in message
     widened = snakemake("-n", "--cores", "1", "--quiet", "rules", "--configfile",
                         str(REPO_ROOT / "workflow" / "configs" / "toy_vllm.yaml"), workdir=tmp_path)
     assert widened.returncode == 0, widened.stderr[-2000:]
