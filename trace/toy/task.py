@@ -2,10 +2,11 @@
 
 It stands in for OpenThoughts math + the paper's benchmarks when no GPU or hub is available.
 A problem is a start value and a chain of operations; the reference solution does one
-operation per line in a compact form (``7+5=12``) and ends in ``\\boxed{12}``: short completions keep
-the default study within minutes on a CPU (about 30 tokens for 3 operations). Because every step is checkable, the toy world
-has a programmatic *span oracle*: it knows the decisive steps of a correct rollout (key spans)
-and the first wrong step of an incorrect one (error spans), with a diagnostic type label.
+operation per line in a compact form (``7+5=12``) and ends in ``\\boxed{12}``: short completions
+(about 30 tokens for 3 operations) keep the default study within minutes on a CPU. Because every
+step is checkable, the toy world has a programmatic *span oracle*: it knows the decisive steps of
+a correct rollout (key spans) and the first wrong step of an incorrect one (error spans), with a
+diagnostic type label.
 
 Splits (all written in the project's normalised record format, see ``trace/data``):
 - ``train`` / ``val``: 2–4 operations, values kept in [0, MAX_VALUE];
