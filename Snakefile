@@ -23,6 +23,7 @@ def _load_by_path(name, relative):
     """Our package `trace` shares its name with a stdlib module Snakemake may have imported: load by path."""
     spec = importlib.util.spec_from_file_location(name, REPO / relative)
     loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded  # dataclasses look their module up while the class is built
     spec.loader.exec_module(loaded)
     return loaded
 
@@ -57,6 +58,7 @@ def as_arg(settings) -> str:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/base.smk"
+include: "workflow/rules/teacher_gap.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

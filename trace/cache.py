@@ -2,7 +2,7 @@
 model, a GPU or Snakemake (README "Regenerate tables and figures from a cache").
 
     CACHE/report_settings.json     the report rule's settings (its --cfg, report_settings() in report.smk)
-    CACHE/aggregate/evals.csv, training_curves.csv, credit_maps.csv     as `python -m trace aggregate` writes them
+    CACHE/aggregate/evals.csv, training_curves.csv, credit_maps.csv, teacher_gap.csv   as `python -m trace aggregate` writes them
     CACHE/tables/, CACHE/figures/  what `python -m trace redraw CACHE` draws from the two above
 
 `python -m trace export-cache` (the export_cache rule) writes one from results/aggregate/; the committed
@@ -17,7 +17,7 @@ from pathlib import Path
 from trace.report import write_tables_and_figures
 
 SETTINGS = "report_settings.json"
-AGGREGATE_FILES = ("evals.csv", "training_curves.csv", "credit_maps.csv")
+AGGREGATE_FILES = ("evals.csv", "training_curves.csv", "credit_maps.csv", "teacher_gap.csv")
 DRAWN = ("tables", "figures")
 LAYOUT = f"a cache folder holds {SETTINGS} and aggregate/{{{','.join(AGGREGATE_FILES)}}}"
 # the keys each ablation's settings must have (workflow/rules/report.smk passes config["ablations"])

@@ -59,9 +59,23 @@ def cmd_train(args, cfg):
 
         logging.getLogger("trace").info("training data %s from %s", args.train_data,
                                         check_train_source(Path(args.train_data), cfg["train_source"]))
+    if args.teacher_gap:  # a distillation run: is its teacher better than the student where it matters?
+        from trace.methods import get_method
+        from trace.train.teacher_gap import check_teacher
+
+        if get_method(cfg["method"]).uses_teacher:
+            check_teacher(Path(args.teacher_gap), cfg["method"], cfg.get("teacher_check_on_worse", "refuse"))
     # the Trainer builds the configured annotator tier (train.annotator) itself: the self tier needs its policy
     Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir),
-            val_path=Path(args.val_data) if args.val_data else None).fit()
+            val_path=Path(args.val_data) if args.val_data else None,
+            probe_batch=Path(args.probe_batch) if args.probe_batch else None).fit()
+
+
+def cmd_teacher_gap(args, cfg):
+    from trace.train.teacher_gap import run_teacher_gap
+
+    run_teacher_gap(cfg, Path(args.base), Path(args.train_data), Path(args.out),
+                    Path(args.probe_batch) if args.probe_batch else None)
 
 
 def cmd_evaluate(args, cfg):
@@ -94,7 +108,8 @@ def cmd_prepare_train(args, cfg):
 def cmd_aggregate(args, cfg):
     from trace.report import aggregate
 
-    aggregate(cfg, [Path(p) for p in args.evals], [Path(p) for p in args.metrics], Path(args.out_dir))
+    aggregate(cfg, [Path(p) for p in args.evals], [Path(p) for p in args.metrics], Path(args.out_dir),
+              [Path(p) for p in args.teacher_gaps or []])
 
 
 def cmd_report(args, cfg):
@@ -128,9 +143,10 @@ STAGES = {
     "prepare-benchmarks": (cmd_prepare_benchmarks, ["--out-dir"]),
     "prepare-train": (cmd_prepare_train, ["--out-dir"]),
     "base-model": (cmd_base_model, ["--out-dir", "--train-data?"]),
-    "train": (cmd_train, ["--base", "--train-data", "--run-dir", "--val-data?"]),
+    "train": (cmd_train, ["--base", "--train-data", "--run-dir", "--val-data?", "--teacher-gap?", "--probe-batch?"]),
+    "teacher-gap": (cmd_teacher_gap, ["--base", "--train-data", "--out", "--probe-batch?"]),
     "evaluate": (cmd_evaluate, ["--model", "--data+", "--out-dir"]),
-    "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--out-dir"]),
+    "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--teacher-gaps*", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
     "export-cache": (cmd_export_cache, ["--aggregate-dir", "--out-dir"]),
 }

@@ -320,13 +320,17 @@ def routed_divergence(
     beta: float = 0.5,
     support: str | None = None,
     temperature: float = 1.0,
-) -> Tensor:
-    """Divergence per routed position, [N]: s·Σ_v t_v with s = entry_clip_scale (entry_clip=None: s = 1)."""
+    return_scale: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Divergence per routed position, [N]: s·Σ_v t_v with s = entry_clip_scale (entry_clip=None: s = 1).
+    return_scale: also s itself (detached, [N]), so a caller can log the UNCLIPPED divergence (value / s)
+    and the share of positions the clip binds (s < 1) beside the clipped one: a clip that binds
+    everywhere hides how far apart teacher and student are (issue 19)."""
     terms = divergence_terms(student_logits, teacher_logits, kind, top_k, tail_bucket, beta, support, temperature)
     divergence = terms.sum(-1)
-    if entry_clip is not None:
-        divergence = divergence * entry_clip_scale(terms, entry_clip)
-    return divergence
+    scale = entry_clip_scale(terms, entry_clip) if entry_clip is not None else torch.ones_like(divergence).detach()
+    divergence = divergence * scale
+    return (divergence, scale) if return_scale else divergence
 
 
 def entry_clip_scale(terms: Tensor, entry_clip: float) -> Tensor:
@@ -348,8 +352,9 @@ def chunked_divergence(
     *,
     chunk_size: int = 1024,
     teacher_lm_head_weight: Tensor | None = None,
+    return_scale: bool = False,
     **divergence_kwargs,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """routed_divergence from final hidden states, [N, d] → [N], never holding all N × V logits.
 
     Each chunk of positions computes student logits (with gradient) and teacher logits (no gradient),
@@ -357,7 +362,8 @@ def chunked_divergence(
     keeps only the [chunk, d] inputs and the backward recomputes the chunk's logits, so peak memory is
     O(chunk_size · V) in both passes. teacher_lm_head_weight defaults to lm_head_weight (same network);
     pass the teacher copy's weight when it is a separate (synced / EMA / frozen) model.
-    divergence_kwargs go to routed_divergence (top_k, tail_bucket, entry_clip, beta, support, temperature).
+    divergence_kwargs go to routed_divergence (top_k, tail_bucket, entry_clip, beta, support, temperature);
+    return_scale: (values, the entry clip's scale s per position), as routed_divergence.
     """
     teacher_weight = (lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight).detach()
 
@@ -365,16 +371,20 @@ def chunked_divergence(
         student_logits = F.linear(student_h, weight)
         with torch.no_grad():
             teacher_logits = F.linear(teacher_h, teacher_weight)
-        return routed_divergence(student_logits, teacher_logits, kind, **divergence_kwargs)
+        return routed_divergence(student_logits, teacher_logits, kind, return_scale=True, **divergence_kwargs)
 
     needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or lm_head_weight.requires_grad)
-    pieces = []
+    pieces, scales = [], []
     for rows in _chunk_slices(student_hidden.shape[0], chunk_size):
         args = (student_hidden[rows], teacher_hidden[rows].detach(), lm_head_weight)
-        pieces.append(checkpoint(divergence_of_chunk, *args, use_reentrant=False) if needs_grad else divergence_of_chunk(*args))
+        value, scale = (checkpoint(divergence_of_chunk, *args, use_reentrant=False) if needs_grad
+                        else divergence_of_chunk(*args))
+        pieces.append(value)
+        scales.append(scale.detach())
     if not pieces:
-        return student_hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+        empty = student_hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if return_scale else empty
+    return (torch.cat(pieces), torch.cat(scales)) if return_scale else torch.cat(pieces)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:

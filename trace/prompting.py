@@ -4,6 +4,13 @@ from __future__ import annotations
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of the correct option within \\boxed{}."
+# the private turn of the reference-solution teachers (SDPO, SRPO, RLSD), followed by the solution
+REFERENCE_PREFIX = "A reference solution to the problem the user will ask (do not mention it):\n"
+
+
+def reference_context(record: dict) -> str | None:
+    """The reference-solution teacher's private system turn for one record (None without a solution)."""
+    return REFERENCE_PREFIX + record["solution"] if record.get("solution") else None
 
 
 def user_message(record: dict) -> str:

@@ -19,9 +19,16 @@ import pandas as pd
 
 VAL = "val/mean_at_k"  # validation mean@k after a step (trainer.validate), logged every validation.every steps
 CONCENTRATION, LIFT = "probe/credit_concentration", "probe/logprob_lift_key_supported"  # trace/train/probe.py
+# the fixed probe batch (the same base rollouts for every method; trace/train/probe.py)
+MARGIN, MARGIN_CHANGE, FIXED_LIFT = ("probe/fixed_margin_first_error", "probe/fixed_margin_change",
+                                     "probe/fixed_lift_key_supported")
+# the KL channel per routed class: clipped (what the loss uses), unclipped, and how often the clip binds
+KL_COLUMNS = tuple(f"kl/{name}_{metric}" for name in ("fkl_key", "rkl_error", "distill")
+                   for metric in ("token_mean", "unclipped_token_mean", "clip_binds_frac"))
 CURVE_COLUMNS = ("reward_mean", "entropy", "response_length", "lambda", "grad_norm", "span_coverage",
                  "teacher_entropy", "srpo_weight_raw_mean", VAL, "val/ci95_low", "val/ci95_high",
-                 CONCENTRATION, LIFT, "probe/credit_inside", "probe/credit_outside")
+                 CONCENTRATION, LIFT, "probe/credit_inside", "probe/credit_outside",
+                 MARGIN, MARGIN_CHANGE, FIXED_LIFT, *KL_COLUMNS)
 MAP_COLUMNS = ["model", "method", "seed", "step", "position", "token", "credit", "span"]
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 Z95 = 1.959964  # two-sided 95% normal quantile
@@ -35,9 +42,10 @@ def _policy_method_seed(policy: str) -> tuple[str, int | None]:
     return method, int(seed)
 
 
-def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_dir: Path) -> None:
-    """Exactly the given per-run files (the rule's declared inputs) -> two CSVs; nothing is globbed,
-    so results of runs or seeds no longer in the config never reach a table."""
+def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_dir: Path,
+              gap_files: list[Path] = ()) -> None:
+    """Exactly the given per-run files (the rule's declared inputs) -> the aggregate CSVs; nothing is
+    globbed, so results of runs or seeds no longer in the config never reach a table."""
     benchmarks = cfg["benchmarks"]
     eval_rows = []
     for path in eval_files:
@@ -71,12 +79,42 @@ def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_
     pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *CURVE_COLUMNS]).to_csv(
         out_dir / "training_curves.csv", index=False)
     pd.DataFrame(map_rows, columns=MAP_COLUMNS).to_csv(out_dir / "credit_maps.csv", index=False)
+    gap_rows = [teacher_gap_row(json.loads(_existing(path).read_text()), path) for path in gap_files]
+    pd.DataFrame(gap_rows, columns=GAP_COLUMNS).to_csv(out_dir / "teacher_gap.csv", index=False)
+
+
+# the teacher check (trace/train/teacher_gap.py): one row per (model, teacher context), each statistic as
+# mean / ci_low / ci_high / n; the markdown table's column title for each
+GAP_STATS = {"first_error_correct": "Δ correct @1st error", "first_error_sampled": "Δ sampled @1st error",
+             "share_correct_up": "share correct ↑", "key_span": "Δ key span", "share_key_q_above_p": "share key q>p",
+             "kl_span": "KL span", "kl_span_clipped": "KL span clipped", "clip_binds_span": "clip binds",
+             "kl_off_span": "KL off span", "accuracy_plain": "acc plain", "accuracy_teacher_prompt": "acc teacher prompt"}
+GAP_COLUMNS = ["model", "context", "verdict", "verdict_basis", "annotator", "n_rollouts",
+               *[f"{stat}_{part}" for stat in GAP_STATS for part in ("mean", "ci_low", "ci_high", "n")]]
+
+
+def teacher_gap_row(gap: dict, path: Path) -> dict:
+    row = {"model": gap.get("model", path.parent.name), "context": gap["context"], "verdict": gap["verdict"],
+           "verdict_basis": gap["verdict_basis"], "annotator": gap.get("annotator"), "n_rollouts": gap["n_rollouts"]}
+    for stat in GAP_STATS:
+        row.update({f"{stat}_{part}": (gap.get(stat) or {}).get(part) for part in ("mean", "ci_low", "ci_high", "n")})
+    return row
+
+
+def teacher_gap_table(gaps: pd.DataFrame) -> pd.DataFrame:
+    """Markdown shape: verdict and each statistic as 'mean [ci_low, ci_high]' (n/a without values)."""
+    table = gaps[["model", "context", "verdict", "n_rollouts"]].copy()
+    for stat, title in GAP_STATS.items():
+        table[title] = [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" if pd.notna(m) else "n/a"
+                        for m, lo, hi in zip(gaps[f"{stat}_mean"], gaps[f"{stat}_ci_low"], gaps[f"{stat}_ci_high"])]
+    return table.sort_values(["model", "context"]).set_index(["model", "context"])
 
 
 # what the report reads from each aggregate CSV (a column it may do without is not listed)
 AGGREGATE_COLUMNS = {"evals.csv": ("model", "method", "seed", "column", "k", "avg_at_k", "ci_low", "ci_high"),
                      "training_curves.csv": ("model", "method", "seed", "step", "lambda"),
-                     "credit_maps.csv": tuple(MAP_COLUMNS)}
+                     "credit_maps.csv": tuple(MAP_COLUMNS),
+                     "teacher_gap.csv": ("model", "context", "verdict", "first_error_correct_mean")}
 NUMERIC_COLUMNS = {"k", "avg_at_k", "ci_low", "ci_high", "step", "credit"}
 
 
@@ -383,7 +421,7 @@ def mechanism_table(curves: pd.DataFrame) -> pd.DataFrame:
     """Credit concentration (Fig 6) and one-step log-prob lift per (model, method): at step 0 (every
     method probes the same rollouts of the same base policy) and the mean over all probed steps and
     seeds, beside the paper's values (TRACE.md §7, Qwen3; no model stated)."""
-    columns = [c for c in (CONCENTRATION, LIFT) if c in curves]
+    columns = [c for c in (CONCENTRATION, LIFT, MARGIN) if c in curves]
     probed = curves.dropna(subset=columns, how="all") if columns else curves.iloc[0:0]
     rows = []
     for (model, method), runs in probed.groupby(["model", "method"]):
@@ -393,10 +431,20 @@ def mechanism_table(curves: pd.DataFrame) -> pd.DataFrame:
             row[f"{name}_first_step"] = first[column].mean() if column in runs else np.nan
             row[f"{name}_mean"] = runs[column].mean() if column in runs else np.nan
             row[f"paper_{name}"] = PAPER_MECHANISM[column].get(method, "")
+        # the fixed batch: one update's margin change (mean over probed steps), and the margin itself at
+        # the first and the last probed step (how much of the base's first errors training has fixed)
+        fixed = runs.dropna(subset=[MARGIN]) if MARGIN in runs else runs.iloc[0:0]
+        last = fixed[fixed["step"] == fixed["step"].max()]
+        row["margin_change_mean"] = fixed[MARGIN_CHANGE].mean() if len(fixed) else np.nan
+        row["margin_first_step"] = fixed[fixed["step"] == fixed["step"].min()][MARGIN].mean() if len(fixed) else np.nan
+        row["margin_last_step"] = last[MARGIN].mean() if len(fixed) else np.nan
+        row["fixed_lift_mean"] = fixed[FIXED_LIFT].mean() if len(fixed) and FIXED_LIFT in fixed else np.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=["model", "method", "probe_steps", "credit_concentration_first_step",
                                        "credit_concentration_mean", "paper_credit_concentration",
-                                       "logprob_lift_first_step", "logprob_lift_mean", "paper_logprob_lift"])
+                                       "logprob_lift_first_step", "logprob_lift_mean", "paper_logprob_lift",
+                                       "margin_change_mean", "margin_first_step", "margin_last_step",
+                                       "fixed_lift_mean"])
 
 
 def _write_table(table: pd.DataFrame, tables: Path, name: str, header: str) -> None:
@@ -493,11 +541,29 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
                  "Δ log π(y_t) on key-span tokens the teacher supports (nats). first_step: the first probed step "
                  "(step 0: every method updates from the same rollouts); mean: over probed steps and seeds. paper_*: "
                  "TRACE.md §7 (Qwen3; its 'TRACE' compared with trace_fkl, '1.0–1.1' for the other methods), a "
-                 "reference, not a like-for-like target in the toy world")
+                 "reference, not a like-for-like target in the toy world. On the FIXED probe batch (the teacher "
+                 "check's base rollouts, the same for every method): margin = log π(correct) − log π(sampled wrong) "
+                 "at the first error token of incorrect rollouts, at the first and the last probed step (higher: "
+                 "closer to fixing the base's errors), margin_change_mean = its change over one update, mean over "
+                 "probed steps; fixed_lift_mean = one update's mean Δ log π on key tokens the label teacher "
+                 "supports")
     maps_path = aggregate_dir / "credit_maps.csv"
     maps = (read_aggregate_csv(maps_path, keep_default_na=False) if maps_path.exists()
             else pd.DataFrame(columns=MAP_COLUMNS))
     _credit_map_figure(plt, maps, main_runs, figures / "fig6_credit_map.png")
+    gaps_path = aggregate_dir / "teacher_gap.csv"
+    if gaps_path.exists():  # caches from before the teacher check have none
+        gaps = read_aggregate_csv(gaps_path)
+        _write_markdown(teacher_gap_table(gaps), tables, "teacher_gap",
+                        "Teacher check before RL (trace/train/teacher_gap.py): the base given its teacher's private "
+                        "context (label | reference) vs the same base on the plain prompt, on a fixed batch of its own "
+                        "rollouts annotated by train.annotator; mean [95% bootstrap CI over rollouts] in nats unless a "
+                        "share or an accuracy. Δ = log q − log p; 1st error: the first error token of an incorrect "
+                        "rollout (correct: the correct token there, sampled: the wrong one); KL(q‖p) per token, "
+                        "unclipped, beside the clipped value the loss would use and the share of tokens the clip "
+                        "binds. verdict: better / worse when the CI of Δ correct excludes 0; distillation runs refuse "
+                        "a worse teacher (teacher_check.on_worse)", disable_numparse=True)
+        gaps.to_csv(tables / "teacher_gap.csv", index=False)
     if compare:
         numbers = figure_numbers(curves, paper, tier_runs).round(4).set_index("item")
         numbers.to_csv(tables / "paper_figure_numbers.csv")
@@ -541,7 +607,8 @@ def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> 
         return
     model = sorted(maps["model"].unique())[0]
     maps = maps[(maps["model"] == model) & (maps["seed"] == maps["seed"].min())]
-    maps = maps[maps["step"] == maps["step"].min()]
+    step = _most_different_step(maps)
+    maps = maps[maps["step"] == step]
     methods = [m for m in runs if m in set(maps["method"])]
     width = int(maps["position"].max()) + 1
     fig, axes = plt.subplots(len(methods), 1, figsize=(max(6, 0.14 * width), 0.9 * len(methods) + 0.8),
@@ -559,14 +626,46 @@ def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> 
     if len(set(per_method)) == 1:  # the same rollout for every method (step 0): label its tokens
         tokens = [str(t).replace("Ġ", "␣").replace("Ċ", "⏎") for t in per_method[0]]
         axes[-1, 0].set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
-    axes[0, 0].set_title(f"{model}, step {int(maps['step'].min())}: per-token |Δ log π| of one update (row-normalised),"
-                         " annotated spans boxed; inside/outside ratio under each name", fontsize=8)
+    import textwrap
+
+    title = (f"{model}, step {step}: per-token |Δ log π| of one update (row-normalised), annotated spans boxed; "
+             "inside/outside ratio under each name")
+    axes[0, 0].set_title("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 13))), fontsize=8)
     fig.tight_layout()
     _save(plt, fig, path)
 
 
+def _most_different_step(maps: pd.DataFrame) -> int:
+    """The probed step whose credit maps differ most between methods: the largest spread (max − min over
+    methods) of log inside/outside credit ratio; the first step on ties or with one method."""
+    spread = {}
+    for step, at_step in maps.groupby("step"):
+        ratios = []
+        for _, row in at_step.groupby("method"):
+            inside, outside = row.loc[row["span"] == 1, "credit"].mean(), row.loc[row["span"] == 0, "credit"].mean()
+            if inside > 0 and outside > 0:
+                ratios.append(math.log(inside / outside))
+        spread[int(step)] = max(ratios) - min(ratios) if len(ratios) > 1 else 0.0
+    return max(sorted(spread), key=lambda s: spread[s])
+
+
+def texts_outside_canvas(fig) -> list[str]:
+    """What of a drawn figure reaches past its canvas (a title or label cut off in the PNG): the sides of
+    the canvas that the figure's tight bounding box (every drawn artist; ticks outside the view are not
+    drawn and not counted) crosses by more than 1/20 inch, with the titles, for the message."""
+    fig.canvas.draw()
+    tight, canvas = fig.get_tightbbox(fig.canvas.get_renderer()), fig.bbox_inches
+    sides = [side for side, past in (("left", canvas.x0 - tight.x0), ("right", tight.x1 - canvas.x1),
+                                     ("bottom", canvas.y0 - tight.y0), ("top", tight.y1 - canvas.y1)) if past > 0.05]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    return [f"{side} edge (titles: {titles[:1]})" for side in sides]
+
+
 def _save(plt, fig, path: Path) -> None:
-    """PNG without the matplotlib version in its metadata: the same figure gives the same bytes."""
+    """PNG without the matplotlib version in its metadata: the same figure gives the same bytes. A text
+    that would be cut off at the canvas's edge is an error, not a silently clipped figure."""
+    if cut := texts_outside_canvas(fig):
+        raise ValueError(f"figure {path.name}: text outside the canvas: {cut[:3]}")
     fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 

@@ -221,11 +221,10 @@ class LikelihoodAnnotator(LocalReplyAnnotator):
         self.error_threshold, self.key_threshold = float(error_threshold), float(key_threshold)
 
     def context_text(self, request: AnnotationRequest) -> str:
-        from trace.prompting import render_prompt
-        from trace.train.teacher import REFERENCE_PREFIX
+        from trace.prompting import reference_context, render_prompt
 
         record = {"problem": request.problem, "kind": "math"}
-        prefix = (REFERENCE_PREFIX + request.reference_solution
+        prefix = (reference_context({"solution": request.reference_solution})
                   if self.context == "reference" and request.reference_solution.strip() else None)
         return render_prompt(self.tokenizer, record, self.thinking, system_prefix=prefix)
 

@@ -20,7 +20,8 @@ from trace.prompting import render_prompt
 
 def encode_sft_example(tokenizer, record: dict, thinking: bool) -> tuple[list[int], int]:
     """Token ids of prompt + solution + end-of-turn, and where the completion starts."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, record, thinking), add_special_tokens=False)["input_ids"]
+    prompt = render_prompt(tokenizer, record, thinking, system_prefix=record.get("private_context"))
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(record["solution"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     return prompt_ids + completion_ids, len(prompt_ids)
 

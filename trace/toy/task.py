@@ -203,3 +203,28 @@ def oracle_spans(reference_solution: str, response: str, is_correct: bool) -> Or
             return OracleVerdict((i,), "arithmetic_slip")
         step_index += 1
     return OracleVerdict((len(lines) - 1,), "incomplete_solution")
+
+
+def first_error_correction(reference_solution: str, response: str) -> tuple[int, str] | None:
+    """Where an incorrect toy rollout first departs from the correct chain, and what the correct chain
+    writes from there: (char offset into ``response``, the correct text from that offset on, to the
+    end of that line). None when there is no such point (a correct prefix that simply stops).
+
+    The line is the oracle's error line (every line before it is a correct step, so the expected line
+    is the next reference step, or the boxed answer after the last one); the offset is its first
+    character that differs from the expected line. The teacher check (trace/train/teacher_gap.py)
+    compares teacher and student on the correct token there.
+    """
+    expected_steps = reference_steps(reference_solution)
+    if not expected_steps:
+        return None
+    line_index = oracle_spans(reference_solution, response, is_correct=False).lines[0]
+    lines = response.split("\n")
+    expected = (expected_steps[line_index].line() if line_index < len(expected_steps)
+                else f"\\boxed{{{expected_steps[-1].result}}}")
+    written = lines[line_index]
+    if written == expected:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(written, expected)) if a != b), min(len(written), len(expected)))
+    line_start = sum(len(line) + 1 for line in lines[:line_index])
+    return line_start + k, expected[k:] + "\n"

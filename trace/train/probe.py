@@ -127,3 +127,83 @@ def probe_after_update(trainer, rollouts, state: ProbeState) -> dict:
     if credit_map is not None:
         row["probe/map"] = credit_map
     return row
+
+
+# --------------------------------------------------------------------------- the fixed probe batch
+# The step's own rollouts differ between methods after step 0 (each samples from its own policy), so
+# their credit maps compare different texts. The fixed batch (written by the teacher check,
+# trace/train/teacher_gap.py) is the SAME base rollouts for every method and step: on it the probe
+# measures where each method moves probability, at the tokens the mechanism is about:
+#   margin_first_error = log π(c) − log π(w) at the first error token of an incorrect rollout (c the
+#                        correct token, w the sampled wrong one): how far the policy is from fixing it
+#   margin_change      = its change over the probe step's one update (> 0: the update moved toward c)
+#   lift_key_supported = mean Δ log π(y_t) over key-span tokens the label teacher supports (q > p)
+@dataclasses.dataclass
+class FixedProbeBatch:
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    error_rows: torch.Tensor      # [E] rollout of each first error
+    error_positions: torch.Tensor  # [E] its token position
+    correct_ids: torch.Tensor     # [E] the correct token there
+    key_supported: torch.Tensor   # [B, T]
+
+
+def load_fixed_batch(path, tokenizer, device) -> FixedProbeBatch:
+    """The teacher check's probe batch (torch.save of plain tensors, lists and strings)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"probe batch {path} does not exist (the teacher_gap rule writes it)")
+    saved = torch.load(path, weights_only=True)
+    enc = tokenizer(saved["prompts"], return_tensors="pt", padding=True, add_special_tokens=False,
+                    padding_side="left")
+    errors = saved["first_errors"] or [(0, 0, 0, 0)][:0]
+    rows, positions, correct = (torch.tensor([e[i] for e in errors], dtype=torch.long) for i in range(3))
+    return FixedProbeBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                           saved["completion_ids"].to(device), saved["completion_mask"].to(device),
+                           rows, positions, correct, saved["key_supported"].to(device))
+
+
+@torch.no_grad()
+def fixed_batch_scores(trainer, batch: FixedProbeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log π of every sampled token [B, T], log π(c) [E] and log π(w) [E] at the first errors), by the
+    current policy. Every rank scores the whole batch (the sharded policy runs its forward on all ranks)."""
+    cfg = trainer.cfg
+    temperature, chunk, micro = cfg["sampling"]["temperature"], cfg["logprob_chunk"], cfg["micro_batch_size"]
+    W = trainer.policy.get_output_embeddings().weight
+    sampled, correct, wrong = [], torch.zeros(len(batch.error_rows)), torch.zeros(len(batch.error_rows))
+    for rows in _micro_batches(batch.completion_ids.shape[0], micro):
+        mask = batch.completion_mask[rows].bool()
+        hidden = completion_hidden_states(
+            trainer.policy, torch.cat([batch.prompt_ids[rows], batch.completion_ids[rows]], 1),
+            torch.cat([batch.prompt_mask[rows], batch.completion_mask[rows]], 1), batch.prompt_ids.shape[1])
+        logp, _ = gather_logprobs(hidden[mask], W, batch.completion_ids[rows][mask], temperature, chunk)
+        sampled.append(tokens_from_positions(logp, mask))
+        here = (batch.error_rows >= rows.start) & (batch.error_rows < rows.stop)
+        if here.any():
+            at = hidden[(batch.error_rows[here] - rows.start).to(hidden.device), batch.error_positions[here].to(hidden.device)]
+            logp_all = (at @ W.T).float().div(temperature).log_softmax(-1).cpu()
+            correct[here] = logp_all.gather(-1, batch.correct_ids[here].unsqueeze(-1)).squeeze(-1)
+            wrong_ids = batch.completion_ids[batch.error_rows[here], batch.error_positions[here]].cpu()
+            wrong[here] = logp_all.gather(-1, wrong_ids.unsqueeze(-1)).squeeze(-1)
+    trainer.dist.reshard(trainer.policy)
+    return torch.cat(sampled), correct, wrong
+
+
+def fixed_batch_row(before, after, batch: FixedProbeBatch) -> dict:
+    """The probe/fixed_* metrics from fixed_batch_scores before and after the step's update."""
+    (sampled_0, correct_0, wrong_0), (sampled_1, correct_1, wrong_1) = before, after
+    margin_0, margin_1 = correct_0 - wrong_0, correct_1 - wrong_1
+    supported = batch.key_supported & batch.completion_mask.bool()
+    lift = (sampled_1 - sampled_0).float()[supported]
+    row = {"probe/fixed_first_errors": len(margin_0), "probe/fixed_tokens_key_supported": int(supported.sum())}
+    if len(margin_0):
+        row.update({"probe/fixed_margin_first_error": float(margin_0.mean()),
+                    "probe/fixed_margin_change": float((margin_1 - margin_0).mean()),
+                    "probe/fixed_correct_logprob_change": float((correct_1 - correct_0).mean()),
+                    "probe/fixed_share_margin_up": float(((margin_1 - margin_0) > 0).float().mean())})
+    if len(lift):
+        row["probe/fixed_lift_key_supported"] = float(lift.mean())
+    return row

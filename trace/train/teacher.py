@@ -11,12 +11,9 @@ import copy
 import torch
 
 from trace.losses import ema_update
-from trace.prompting import render_prompt
+from trace.prompting import reference_context, render_prompt
 from trace.schedule import teacher_sync_due
 from trace.train.logprobs import completion_hidden_states
-
-REFERENCE_PREFIX = "A reference solution to the problem the user will ask (do not mention it):\n"
-
 
 class Teacher:
     def __init__(self, student, mode: str, sync_every: int = 10, ema_rate: float = 0.05):
@@ -56,7 +53,7 @@ def teacher_prompt(tokenizer, record: dict, context: str, label_prefix: str | No
     if context == "label":
         prefix = label_prefix
     elif context == "reference":
-        prefix = REFERENCE_PREFIX + record["solution"] if record.get("solution") else None
+        prefix = reference_context(record)
     else:
         raise ValueError(f"unknown teacher context {context!r} (method.teacher_context): label | reference")
     return render_prompt(tokenizer, record, thinking, system_prefix=prefix)

@@ -41,7 +41,8 @@ from trace.schedule import LambdaSchedule
 from trace.train.distributed import (Distributed, rollout_options, rollout_seed, seeds_per_rollout, token_budget_plan,
                                      trim_micro_batch)
 from trace.train.logprobs import completion_hidden_states, gather_logprobs
-from trace.train.probe import probe_after_update, probe_before_update
+from trace.train.probe import (fixed_batch_row, fixed_batch_scores, load_fixed_batch, probe_after_update,
+                               probe_before_update)
 from trace.train.teacher import Teacher, teacher_prompt
 from trace.verify import grade_many
 
@@ -108,7 +109,7 @@ VALIDATION_DEFAULTS = {"every": 0, "n_problems": None, "k": 4, "sampling": {}, "
 
 class Trainer:
     def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None,
-                 val_path: Path | None = None, engine=None):
+                 val_path: Path | None = None, engine=None, probe_batch: Path | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         require_model_folder(base_model, "base model (--base)")
@@ -150,6 +151,9 @@ class Trainer:
             self.teacher.model = self.dist.prepare(self.teacher.model, dtype)
         # mechanism probe steps (train.probe.steps): the same for every method, annotated for every method
         self.probe_steps = {s for s in (cfg.get("probe") or {}).get("steps", []) if s >= self.start_step}
+        # the teacher check's fixed batch: the same base rollouts probed for every method (probe.py)
+        self.fixed_probe = (load_fixed_batch(probe_batch, self.tokenizer, self.device)
+                            if probe_batch is not None and self.probe_steps else None)
         if annotator is None and ((self.method.needs_annotation and self.teacher is not None) or self.probe_steps):
             # the configured tier (train.annotator), built here: the self tier annotates with the live policy;
             # methods that route without spans get the tier TRACE would use, for the probe only
@@ -343,7 +347,9 @@ class Trainer:
             self.teacher.update(self.policy, step)
 
         # (probe steps only: annotate and score the rollouts before the update; TRACE.md §7 mechanisms)
-        probe = None
+        probe = fixed_before = None
+        if step in self.probe_steps and self.fixed_probe is not None:  # needs no annotator: every probe step
+            fixed_before = fixed_batch_scores(self, self.fixed_probe)
         if step in self.probe_steps:
             if self.annotator is None:
                 log.warning("probe step %d skipped: the annotator was freed when λ reached 0", step)
@@ -411,6 +417,8 @@ class Trainer:
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
         if probe is not None:
             row.update(probe_after_update(self, rollouts, probe))
+        if fixed_before is not None:
+            row.update(fixed_batch_row(fixed_before, fixed_batch_scores(self, self.fixed_probe), self.fixed_probe))
         return row
 
     def aggregation(self, mask: torch.Tensor) -> tuple[dict, dict]:
@@ -468,34 +476,42 @@ class Trainer:
         ppo, clip = losses.ppo_clip_per_token(logp, old_logp, adv, cfg["eps_low"], cfg["eps_high"],
                                               cfg.get("dual_clip_c"), mask=mask)
 
-        def divergence(where: torch.Tensor, kind: str, **extra) -> torch.Tensor:
-            """Per-token divergence at the routed positions only (zeros elsewhere)."""
-            values = losses.chunked_divergence(
+        def divergence(where: torch.Tensor, kind: str, name: str, **extra) -> torch.Tensor:
+            """Per-token divergence at the routed positions only (zeros elsewhere). Logs, per routed token
+            over the WHOLE batch (sums and counts here, divided in train_step): the clipped value the loss
+            uses (kl/<name>_token_mean), the unclipped one (…_unclipped_token_mean) and the share of tokens
+            whose value the per-entry clip scaled down (…_clip_binds_frac)."""
+            values, scale = losses.chunked_divergence(
                 hidden[where], teacher_hidden[where], W, kind, chunk_size=cfg["logprob_chunk"],
                 teacher_lm_head_weight=self.teacher.lm_head_weight, top_k=kl["top_k"],
-                tail_bucket=kl["tail_bucket"], entry_clip=kl["entry_clip"], temperature=temperature, **extra)
+                tail_bucket=kl["tail_bucket"], entry_clip=kl["entry_clip"], temperature=temperature,
+                return_scale=True, **extra)
+            n = float(values.numel())
+            for metric, total in (("token_mean", values.detach()), ("unclipped_token_mean", values.detach() / scale),
+                                  ("clip_binds_frac", (scale < 1).float())):
+                metrics[f"kl/{name}_{metric}_sum"] = float(total.sum())
+                metrics[f"kl/{name}_{metric}_tokens"] = n
             return losses.tokens_from_positions(values, where)
 
         if method.objective == "trace" and teacher_hidden is not None:
             sub = RoutedMasks(routed.key[rows], routed.error[rows], routed.rest[rows])
             mu_E, mu_K = CORNERS[method.corner]
-            fkl = divergence(sub.key, "fkl") if (lam and mu_K) else None
-            rkl = divergence(sub.error, "rkl") if (lam and mu_E) else None
+            fkl = divergence(sub.key, "fkl", "fkl_key") if (lam and mu_K) else None
+            rkl = divergence(sub.error, "rkl", "rkl_error") if (lam and mu_E) else None
             loss, parts = losses.trace_objective(
                 ppo, mask, sub.key, sub.error, fkl, rkl, lam=lam, w0=kl["w0"], mu_E=mu_E, mu_K=mu_K,
                 full_grpo_on_spans_without_kl=kl["full_grpo_on_spans_without_kl"], **agg)
             metrics.update({f"kl/{k}": float(v) for k, v in parts.items() if k in ("kl_key_branch", "kl_error_branch")})
-            for name, values, where in (("fkl_key", fkl, sub.key), ("rkl_error", rkl, sub.error)):
-                # per routed token over the WHOLE batch: sums and counts here, divided in train_step
-                metrics[f"kl/{name}_token_mean_sum"] = 0.0 if values is None else float(values.detach()[where].sum())
-                metrics[f"kl/{name}_token_mean_tokens"] = 0.0 if values is None else float(where.sum())
+            for name, values in (("fkl_key", fkl), ("rkl_error", rkl)):
+                if values is None:  # no KL this step on this class: logged as 0 (λ = 0 or the corner's μ = 0)
+                    metrics[f"kl/{name}_token_mean_sum"] = metrics[f"kl/{name}_token_mean_tokens"] = 0.0
         elif method.objective == "sdpo" and teacher_hidden is not None:
-            jsd = divergence(mask, "jsd", beta=kl["jsd_beta"])
+            jsd = divergence(mask, "jsd", "distill", beta=kl["jsd_beta"])
             loss, parts = losses.sdpo_objective(ppo, mask, jsd, distillation_weight=kl["sdpo_distillation_weight"], **agg)
             metrics["kl/distill"] = float(parts["distill"])
         elif method.objective == "srpo" and teacher_hidden is not None:
             failed = mask & ~correct[rows].bool().unsqueeze(-1)
-            jsd = divergence(failed, "jsd", beta=kl["jsd_beta"])
+            jsd = divergence(failed, "jsd", "distill", beta=kl["jsd_beta"])
             teacher_entropy = losses.tokens_from_positions(
                 losses.chunked_entropy(teacher_hidden[failed], self.teacher.lm_head_weight, cfg["logprob_chunk"],
                                        temperature), failed)

@@ -3,10 +3,12 @@ rule aggregate:
     input:
         evals=all_evaluations(),
         metrics=all_training_metrics(),
+        teacher_gaps=all_teacher_gaps(),
     output:
         evals="results/aggregate/evals.csv",
         curves="results/aggregate/training_curves.csv",
         credit_maps="results/aggregate/credit_maps.csv",
+        teacher_gaps="results/aggregate/teacher_gap.csv",
     params:
         cfg=as_arg({"benchmarks": config["eval"]["benchmarks"]}),
     resources:
@@ -14,7 +16,7 @@ rule aggregate:
     log:
         "logs/aggregate.log",
     shell:
-        "{PYTHON} -m trace aggregate --cfg {params.cfg} --evals {input.evals} --metrics {input.metrics} --out-dir results/aggregate > {log} 2>&1"
+        "{PYTHON} -m trace aggregate --cfg {params.cfg} --evals {input.evals} --metrics {input.metrics} --teacher-gaps {input.teacher_gaps} --out-dir results/aggregate > {log} 2>&1"
 
 
 def report_settings():
@@ -33,6 +35,7 @@ def report_outputs(root):
         "table_csv": f"{root}/tables/main_results.csv",
         "versus_grpo": [f"{root}/tables/vs_grpo.md", f"{root}/tables/vs_grpo.csv"],
         "mechanism": [f"{root}/tables/mechanism.md", f"{root}/tables/mechanism.csv"],
+        "teacher_gap": [f"{root}/tables/teacher_gap.md", f"{root}/tables/teacher_gap.csv"],
         "figures": [f"{root}/figures/{name}.png" for name in
                     ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
         "ablations": [f"{root}/{kind}/{name}.{ext}" for name in ("annotator_tiers", "mask_localisation")
@@ -68,7 +71,8 @@ rule export_cache:
         rules.aggregate.output,
     output:
         settings=f"{CACHE}/report_settings.json",
-        aggregate=[f"{CACHE}/aggregate/{name}" for name in ("evals.csv", "training_curves.csv", "credit_maps.csv")],
+        aggregate=[f"{CACHE}/aggregate/{name}" for name in ("evals.csv", "training_curves.csv", "credit_maps.csv",
+                                                            "teacher_gap.csv")],
         **report_outputs(CACHE),
     params:
         cfg=as_arg(report_settings()),

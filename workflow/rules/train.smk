@@ -15,10 +15,24 @@ def train_settings(wildcards):
     # `parallel` only shapes the launch (it may change between attempts without rerunning a run)
     train = {key: value for key, value in config["train"].items() if key != "parallel"}
     settings = {**train, "method": method, "annotator": annotator, "seed": int(wildcards.seed),
-                "thinking": config["thinking"]}
+                "thinking": config["thinking"], "teacher_check_on_worse": TEACHER_CHECK["on_worse"]}
     if STUDY != "toy":  # trained only on the data source the config asks for (checked against the manifest)
         settings["train_source"] = config["real_data"]["train_source"]
     return as_arg(settings)
+
+
+def teacher_check_inputs(wildcards):
+    """The run's teacher check (a run with a teacher) and the probe's fixed batch (probing on)."""
+    context = teacher_context_of(wildcards.method)
+    inputs = {"gap": f"results/teacher_gap/{wildcards.model}/{context}.json"} if context else {}
+    if PROBING:
+        inputs["probe_batch"] = f"results/teacher_gap/{wildcards.model}/label.probe.pt"
+    return inputs
+
+
+def teacher_check_args(wildcards, input):
+    return " ".join(f"--{'teacher-gap' if name == 'gap' else 'probe-batch'} {input[name]}"
+                    for name in ("gap", "probe_batch") if name in input.keys())
 
 
 def annotator_model(wildcards):
@@ -30,6 +44,7 @@ def annotator_model(wildcards):
 rule train:
     """One RL run (GRPO, TRACE or a baseline; '<method>@<tier>' = an annotator-tier ablation). Resumes from results/train/.../work/checkpoint."""
     input:
+        unpack(teacher_check_inputs),
         base="results/base/{model}",
         data=TRAIN_DATA,
         val_data=VAL_DATA,
@@ -40,6 +55,7 @@ rule train:
     params:
         cfg=train_settings,
         run_dir="results/train/{model}/{method}/seed{seed}",
+        teacher_check=teacher_check_args,
     threads: 1
     resources:
         **TRAIN_RESOURCES,
@@ -47,4 +63,4 @@ rule train:
         "logs/train/{model}/{method}/seed{seed}.log",
     shell:
         "{TRAIN_LAUNCHER} -m trace train --cfg {params.cfg} --base {input.base} --train-data {input.data}"
-        " --val-data {input.val_data} --run-dir {params.run_dir} > {log} 2>&1"
+        " --val-data {input.val_data} --run-dir {params.run_dir} {params.teacher_check} > {log} 2>&1"
