@@ -16,7 +16,7 @@ from trace.report import aggregate
 
 SHIPPED = REPO_ROOT / "results" / "shipped"
 TABLES = {f"{name}.{ext}" for name in ("main_results", "vs_grpo", "mechanism", "annotator_tiers", "mask_localisation",
-                                       "paper_figure_numbers") for ext in ("md", "csv")} | {"main_results_vs_paper.csv"}
+                                       "paper_figure_numbers", "teacher_gap") for ext in ("md", "csv")} | {"main_results_vs_paper.csv"}
 FIGURES = {f"{name}.png" for name in ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics",
                                       "fig6_credit_map", "annotator_tiers", "mask_localisation")}
 

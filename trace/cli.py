@@ -146,7 +146,7 @@ STAGES = {
     "train": (cmd_train, ["--base", "--train-data", "--run-dir", "--val-data?", "--teacher-gap?", "--probe-batch?"]),
     "teacher-gap": (cmd_teacher_gap, ["--base", "--train-data", "--out", "--probe-batch?"]),
     "evaluate": (cmd_evaluate, ["--model", "--data+", "--out-dir"]),
-    "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--teacher-gaps*", "--out-dir"]),
+    "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--teacher-gaps*?", "--out-dir"]),
     "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
     "export-cache": (cmd_export_cache, ["--aggregate-dir", "--out-dir"]),
 }
@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         stage = sub.add_parser(name)
         stage.add_argument("--cfg", default="{}", help="the stage's settings as JSON (built by the Snakefile)")
         for option in options:  # "--name?" optional; "--name+" / "--name*" one or more / any number of values
+            values = option.rstrip("?")[-1]  # "--name*?": an optional list
             stage.add_argument(option.rstrip("?+*"), required=not option.endswith("?"),
-                               nargs=option[-1] if option[-1] in "+*" else None)
+                               nargs=values if values in "+*" else None)
     from trace.bench import add_arguments as add_bench_arguments
 
     sub.add_parser("smoke", help="the paper path on CPU: start the smoke's annotator server, run "

@@ -88,7 +88,8 @@ def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_
 GAP_STATS = {"first_error_correct": "Δ correct @1st error", "first_error_sampled": "Δ sampled @1st error",
              "share_correct_up": "share correct ↑", "key_span": "Δ key span", "share_key_q_above_p": "share key q>p",
              "kl_span": "KL span", "kl_span_clipped": "KL span clipped", "clip_binds_span": "clip binds",
-             "kl_off_span": "KL off span", "accuracy_plain": "acc plain", "accuracy_teacher_prompt": "acc teacher prompt"}
+             "kl_off_span": "KL off span", "first_error_in_routed_span": "1st error routed",
+             "accuracy_plain": "acc plain", "accuracy_teacher_prompt": "acc teacher prompt"}
 GAP_COLUMNS = ["model", "context", "verdict", "verdict_basis", "annotator", "n_rollouts",
                *[f"{stat}_{part}" for stat in GAP_STATS for part in ("mean", "ci_low", "ci_high", "n")]]
 

@@ -22,6 +22,8 @@ all the base), every number with a 95 % percentile-bootstrap CI over rollouts:
   key_span              log q(y) − log p(y) on key-span tokens of correct rollouts; share_key_q_above_p
   kl_span / kl_off_span the UNCLIPPED KL(q‖p) per token on annotated span tokens / elsewhere, beside
                         the clipped value the loss would use and the share of tokens the clip binds
+  first_error_in_routed_span  share of first-error tokens inside the α-capped error span (the RKL branch
+                        acts only there)
   accuracy              plain prompt vs the teacher's prompt (per problem: the private turn of its
                         first annotated rollout; G samples each), on the same problems
 
@@ -236,6 +238,9 @@ def measure(trainer, context: str, n_prompts: int, seed: int) -> tuple[dict, dic
         "kl_span_clipped": summary(_per_rollout_means(scores["kl_clipped"], spans)),
         "clip_binds_span": summary(_per_rollout_means(scores["clip_binds"], spans)),
         "kl_off_span": summary(_per_rollout_means(scores["kl"], mask & ~spans)),
+        # does the KL channel reach the error at all? the α cap keeps a span's EARLIEST tokens, and in short
+        # completions it can cut the wrong digit at a line's end out of the routed error span
+        "first_error_in_routed_span": summary([float(capped.error[r, t]) for r, t, _ in first_errors]),
     }
     stats.update(_accuracy_with_teacher_prompt(trainer, problems, records, correct, teacher_prompts, prefixes,
                                                context, seed))
