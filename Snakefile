@@ -34,6 +34,8 @@ study_config = _load_by_path("trace_study_config", "trace/study_config.py")
 try:
     _study = study_config.load_study(REPO, workflow.config_settings.configfiles, workflow.config_settings.config)
     study_config.validate(_study, REPO / "workflow/schemas/config.schema.yaml")
+    for _rule in _study.config.get("resources") or {}:  # cluster.yaml's per-GPU share: checked here, in one line
+        study_config.job_resources(_study.config, _rule, REPO)
 except study_config.StudyConfigError as error:
     raise WorkflowError(f"config error: {error}") from None
 config.clear()

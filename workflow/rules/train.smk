@@ -1,13 +1,17 @@
 launch = _load_by_path("trace_launch", "trace/launch.py")
 TRAIN_LAUNCHER = launch.train_launcher(config["train"], PYTHON)  # python | torchrun | srun + torchrun
 # the job's size and placement from resources.train (cpus, mem, runtime, partition); its shape (nodes,
-# tasks, GPUs per node) from train.parallel, which the launcher follows
+# tasks, GPUs per node) from train.parallel, which the launcher follows. resources.train's cpus, mem_mb
+# and gpus are per node (SLURM's --cpus-per-task and --mem are per node with one task per node), but the
+# plugin's --gpus=N counts the whole job: N = nodes x GPUs per node.
 _shape = {key: value for key, value in launch.train_resources(config["train"]).items() if key in ("nodes", "tasks", "gpu")}
-TRAIN_RESOURCES = {**study_config.job_resources(config, "train", REPO), **_shape}
 _requested = (config.get("resources") or {}).get("train", {}).get("gpus", 0)
 if _shape["gpu"] != _requested:
     raise WorkflowError(f"config error: resources.train.gpus = {_requested} but train.parallel runs {_shape['gpu']} "
                         f"GPU process(es) per node (train.device {config['train']['device']!r}): make them equal")
+TRAIN_RESOURCES = {**study_config.job_resources(config, "train", REPO), **_shape}
+if _shape["gpu"]:
+    TRAIN_RESOURCES["gpu"] = _shape["gpu"] * _shape["nodes"]
 
 
 def train_settings(wildcards):
