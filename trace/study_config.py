@@ -7,7 +7,12 @@ CPU smoke). Any other config file or ``--config`` item is an *override* layered 
     snakemake --cores 2                                         # config.yaml (toy)
     snakemake --configfile workflow/configs/paper.yaml          # the paper study, nothing of the toy
     snakemake --configfile workflow/configs/skeleton.yaml       # toy study + overrides
-    snakemake --configfile workflow/configs/paper.yaml --configfile mine.yaml --config seeds=[0,1]
+    snakemake --configfile workflow/configs/paper.yaml mine.yaml --config seeds=[0,1]
+    snakemake main_table --configfile workflow/configs/paper.yaml mine.yaml   # targets BEFORE --configfile
+
+Every file goes after ONE ``--configfile`` flag: Snakemake keeps only the last flag's files, so a second
+flag would silently drop the study (refused while planning, :func:`command_line_problem`), and every word
+after the flag is read as a config file, so a target placed there is one too.
 
 Layers merge dict by dict (a nested key replaces only itself; ``null`` switches a section off).
 Every key is validated against ``workflow/schemas/config.schema.yaml``; an error is one line that
@@ -19,6 +24,7 @@ package name ``trace`` is also a stdlib module that Snakemake's interpreter may 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -94,6 +100,53 @@ def load_study(repo: Path, configfiles: Sequence[str | Path], cli_config: Mappin
     if cli:
         layers.append(("--config", cli))
     return Study(layers)
+
+
+CONFIGFILE_FLAGS = ("--configfile", "--configfiles")
+
+
+def configfile_flag_values(argv: Sequence[str]) -> list[list[str]]:
+    """The words after each --configfile flag of a Snakemake command line (up to the next option)."""
+    groups: list[list[str]] = []
+    current: list[str] | None = None
+    for word in argv:
+        flag, equals, value = word.partition("=")
+        if flag in CONFIGFILE_FLAGS:
+            current = [value] if equals else []
+            groups.append(current)
+        elif word.startswith("-"):
+            current = None
+        elif current is not None:
+            current.append(word)
+    return groups
+
+
+def rule_names(repo: Path) -> set[str]:
+    """Rule names of the workflow (Snakefile + workflow/rules/*.smk), read from their text."""
+    import re
+
+    files = [Path(repo) / "Snakefile", *sorted((Path(repo) / "workflow" / "rules").glob("*.smk"))]
+    return {name for path in files for name in re.findall(r"^\s*rule (\w+):", path.read_text(), re.MULTILINE)}
+
+
+def command_line_problem(argv: Sequence[str], configfiles: Sequence[str | Path], repo: Path) -> str | None:
+    """One line for the command-line slips that Snakemake does not catch: a second --configfile flag
+    (Snakemake keeps the last flag's files only) and a target written after --configfile (read as a
+    config file)."""
+    groups = configfile_flag_values(argv)
+    if len(groups) > 1:
+        kept, dropped = groups[-1], [f for group in groups[:-1] for f in group]
+        return (f"--configfile given {len(groups)} times: Snakemake keeps only the last one ({' '.join(kept)}) and "
+                f"drops {' '.join(dropped)}; name every file after one flag: --configfile "
+                f"{' '.join(f for group in groups for f in group)}")
+    rules = rule_names(repo)
+    for name in configfiles:  # absolute here: Snakemake resolved them against the working directory
+        word = os.path.relpath(Path(name).resolve(), Path.cwd())
+        if Path(word).name in rules or Path(word).parts[:1] in (("results",), ("logs",)):
+            return (f"--configfile {word}: {word} is a {'rule' if Path(word).name in rules else 'workflow output'} of "
+                    f"this workflow, not a config file: put targets BEFORE --configfile (every word after it is "
+                    f"read as a config file)")
+    return None
 
 
 def _key(path: Sequence[Any]) -> str:

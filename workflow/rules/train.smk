@@ -42,14 +42,23 @@ def teacher_check_args(wildcards, input):
 def annotator_model(wildcards):
     """A frozen annotator's model folder, when this workflow builds it (e.g. the toy-large base)."""
     model = method_and_annotator(wildcards.method)[1].get("model")
+    if model and model.startswith("results/base/"):
+        return [base_folder(model.removeprefix("results/base/"))]
     return [model] if model and model.startswith("results/") else []
+
+
+def train_bases(wildcards):
+    """Identity of the base models a run starts from and is annotated by (see base_folder)."""
+    annotator = method_and_annotator(wildcards.method)[1].get("model") or ""
+    return base_identity(wildcards.model, *([annotator.removeprefix("results/base/")]
+                                            if annotator.startswith("results/base/") else []))
 
 
 rule train:
     """One RL run (GRPO, TRACE or a baseline; '<method>@<tier>' = an annotator-tier ablation). Resumes from results/train/.../work/checkpoint."""
     input:
         unpack(teacher_check_inputs),
-        base="results/base/{model}",
+        base=lambda wildcards: base_folder(wildcards.model),
         data=TRAIN_DATA,
         val_data=VAL_DATA,
         annotator_model=annotator_model,
@@ -60,6 +69,7 @@ rule train:
         cfg=train_settings,
         run_dir="results/train/{model}/{method}/seed{seed}",
         teacher_check=teacher_check_args,
+        **({"bases": train_bases} if STUDY != "toy" else {}),
     threads: 1
     resources:
         **TRAIN_RESOURCES,
