@@ -54,6 +54,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if STUDY == "toy":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the toy world never needs the hub
+# `python -m trace preflight` plans with this set: it reports model problems itself, and nothing is written
+PREFLIGHT = os.environ.get("TRACE_PREFLIGHT") == "1"
 PYTHON = os.environ.get("TRACE_PYTHON", sys.executable)  # the venv that runs snakemake runs the jobs
 
 
