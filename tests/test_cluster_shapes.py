@@ -182,9 +182,10 @@ def test_two_node_train_line_asks_for_two_nodes_of_eight_gpus(reference_node, ho
         print(output[-3000:], rest[-2000:])
     line = sbatch_lines(output)["train"]
     print(line)
-    assert shape_of(line) == "-p gpu -t 2880 --mem 1920000 --nodes=2 --cpus-per-task=192 --gpus=16"
+    # 16 GPUs over 2 nodes: one task per node with each node's share of CPUs and memory
+    assert shape_of(line) == "-p gpu -t 2880 --mem 1920000 --nodes=2 --ntasks=2 --cpus-per-task=192 --gpus=16"
     assert (record["JobState"], record["Reason"], record["NumNodes"]) == ("PENDING", "PartitionConfig", "2-2"), record
-    one_node = re.sub(r"--nodes=2", "--nodes=1", re.sub(r"--gpus=16", "--gpus=8", line))
+    one_node = line.replace("--nodes=2", "--nodes=1").replace("--ntasks=2", "--ntasks=1").replace("--gpus=16", "--gpus=8")
     test = subprocess.run(f"{one_node.replace('--parsable', '--test-only')} --wrap=true", shell=True,
                           capture_output=True, text=True)
     assert re.search(r"to start at .* using 192 processors on nodes \S+ in partition gpu", test.stderr), test.stderr

@@ -12,6 +12,11 @@ if _shape["gpu"] != _requested:
 TRAIN_RESOURCES = {**study_config.job_resources(config, "train", REPO), **_shape}
 if _shape["gpu"]:
     TRAIN_RESOURCES["gpu"] = _shape["gpu"] * _shape["nodes"]
+if _shape["nodes"] > 1:
+    # the SLURM plugin's job step wraps a job's command in `srun -n1` (one node) unless the job declares
+    # `mpi`: then the command runs in the batch step and its own `srun --nodes N` starts torchrun per node
+    # (and the plugin asks --ntasks=N: one task per node)
+    TRAIN_RESOURCES["mpi"] = "srun"
 
 
 def train_settings(wildcards):
