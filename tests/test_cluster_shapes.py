@@ -7,7 +7,6 @@ the GPUs SLURM gave it."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import QWEN3_TOKENIZER, REPO_ROOT, write_finished_base
-from test_slurm import _sinfo_problem, job_record, slurm_jobs, write_yaml
+from conftest import REPO_ROOT, write_finished_base
+from test_slurm import _sinfo_problem, home, job_record, slurm_jobs, write_yaml  # noqa: F401 (home: fixture)
 
 REFERENCE = {"gpus": 8, "cpus": 224, "mem_mb": 2_000_000}
 UP = "FAKE_GPUS=8 FAKE_CPUS=224 FAKE_MEM_MB=2000000 bash ../shared/tools/slurm/up.sh"
@@ -51,14 +49,6 @@ def reference_node():
     if shape != REFERENCE:
         pytest.skip(f"the gpu partition's node is {shape}, not the reference {REFERENCE}: bring SLURM up with {UP}")
     return shape
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "install_profile.sh")], check=True, capture_output=True,
-                   env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": ""})
-    return home
 
 
 def paper_workdir(root: Path) -> Path:

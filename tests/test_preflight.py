@@ -2,6 +2,7 @@
 exit 1 on a blocker: a model that cannot be obtained, a misplaced target, and (on the reference-shaped
 SLURM of tests/test_cluster_shapes.py) a job shape its partition cannot hold."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, write_finished_base
-from test_cluster_shapes import REFERENCE, UP, gpu_node_shape, home, paper_workdir  # noqa: F401 (fixture)
-from test_slurm import _sinfo_problem
+from test_cluster_shapes import REFERENCE, UP, gpu_node_shape, paper_workdir
+from test_slurm import _sinfo_problem, home  # noqa: F401 (fixture)
 
 PAPER = str(REPO_ROOT / "workflow" / "configs" / "paper.yaml")
 
@@ -35,7 +36,7 @@ def nothing_submitted(workdir) -> bool:
 
 def test_a_missing_model_is_a_blocker_before_anything_is_submitted(home, tmp_path):  # noqa: F811
     workdir = paper_workdir(tmp_path)
-    __import__("shutil").rmtree(workdir / "results" / "base" / "qwen3-8b")  # not downloaded, hub offline
+    shutil.rmtree(workdir / "results" / "base" / "qwen3-8b")  # not downloaded, hub offline
     result = preflight(home, workdir)
     assert result.returncode == 1
     assert ("model qwen3-8b (Qwen/Qwen3-8B @ b968826d9c46) is not available: the Hugging Face hub is unreachable "
