@@ -64,3 +64,12 @@ def write_finished_base(folder: Path, config_name: str = "config.Qwen3-1.7B.json
     (folder / "config.json").write_text(real.read_text() if real.exists() else '{"model_type": "qwen3"}')
     (folder / "model.safetensors").write_bytes(b"")
     return folder
+
+
+def write_teacher_checks(root: Path, model: str, contexts=("label",)) -> None:
+    """The teacher_gap job's outputs for one base (a training run waits for them), as if it had run."""
+    for context in contexts:
+        folder = root / "results" / "teacher_gap" / model
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{context}.json").write_text("{}")
+        (folder / f"{context}.probe.pt").write_bytes(b"")

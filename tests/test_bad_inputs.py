@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import QWEN3_TOKENIZER, REPO_ROOT, write_finished_base
+from conftest import QWEN3_TOKENIZER, REPO_ROOT, write_finished_base, write_teacher_checks
 
 PAPER = REPO_ROOT / "workflow" / "configs" / "paper.yaml"
 SMOKE = REPO_ROOT / "workflow" / "configs" / "paper_smoke.yaml"
@@ -42,9 +42,11 @@ def files_of(root: Path) -> dict[str, float]:
 
 @pytest.fixture
 def finished(tmp_path):
-    """A paper-study workdir with finished work: a base, one training run and the base's evaluation."""
+    """A paper-study workdir with finished work: a base, its teacher check, one training run and the base's
+    evaluation."""
     for name in ("qwen3-8b", "qwen3-1.7b", "qwen3-32b"):
         write_finished_base(tmp_path / "results" / "base" / name)
+    write_teacher_checks(tmp_path, "qwen3-1.7b")
     run = tmp_path / "results" / "train" / "qwen3-1.7b" / "grpo" / "seed0"
     (run / "model").mkdir(parents=True)
     (run / "model" / "model.safetensors").write_text("trained")

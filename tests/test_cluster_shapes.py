@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, write_finished_base
+from conftest import REPO_ROOT, write_finished_base, write_teacher_checks
 from test_slurm import _sinfo_problem, home, job_record, slurm_jobs, write_yaml  # noqa: F401 (home: fixture)
 
 REFERENCE = {"gpus": 8, "cpus": 224, "mem_mb": 2_000_000}
@@ -52,10 +52,11 @@ def reference_node():
 
 
 def paper_workdir(root: Path) -> Path:
-    """A workdir as after the base_model and data jobs of the paper study (real Qwen3-1.7B config, a
-    weights placeholder, one training problem, the five benchmark files): only train and evaluate remain."""
+    """A workdir as after the base_model, data and teacher_gap jobs of the paper study (real Qwen3-1.7B config,
+    a weights placeholder, one training problem, the five benchmark files): only train and evaluate remain."""
     for name in ("qwen3-8b", MODEL, "qwen3-32b"):
         write_finished_base(root / "results" / "base" / name)
+    write_teacher_checks(root, MODEL)  # the probe's fixed batch (a GPU job of its own)
     train = root / "results" / "data" / "real" / "train"
     train.mkdir(parents=True)
     record = json.dumps({"problem": "1+1?", "solution": "2", "answer": "2"})
