@@ -56,7 +56,6 @@ def paper_workdir(root: Path) -> Path:
     a weights placeholder, one training problem, the five benchmark files): only train and evaluate remain."""
     for name in ("qwen3-8b", MODEL, "qwen3-32b"):
         write_finished_base(root / "results" / "base" / name)
-    write_teacher_checks(root, MODEL)  # the probe's fixed batch (a GPU job of its own)
     train = root / "results" / "data" / "real" / "train"
     train.mkdir(parents=True)
     record = json.dumps({"problem": "1+1?", "solution": "2", "answer": "2"})
@@ -67,6 +66,7 @@ def paper_workdir(root: Path) -> Path:
     for name in BENCHMARKS:
         (root / "results" / "data" / "real" / f"{name}.jsonl").write_text(record + "\n")
     (root / "results" / "data" / "real" / "manifest.json").write_text("{}")
+    write_teacher_checks(root, MODEL)  # the probe's fixed batch (a GPU job of its own), made after the data
     return root
 
 
