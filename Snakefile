@@ -3,6 +3,7 @@
 #   snakemake --cores 2 --configfile workflow/configs/paper_smoke.yaml   # the paper path on CPU (see README)
 #   snakemake --profile slurm                                      # the paper study on a SLURM cluster (see README)
 #   snakemake --cores 2 report                                     # tables and figures from the aggregate
+import hashlib
 import importlib.util
 import json
 import os
@@ -32,8 +33,14 @@ study_config = _load_by_path("trace_study_config", "trace/study_config.py")
 # The study: config.yaml (toy), unless a --configfile is a complete study (has `study:`); the
 # other --configfile files and --config items are overrides on top (trace/study_config.py).
 try:
+    if workflow.is_main_process:  # jobs get the files in one --configfiles flag
+        _slip = study_config.command_line_problem(sys.argv[1:], workflow.config_settings.configfiles, REPO)
+        if _slip:
+            raise study_config.StudyConfigError(_slip)
     _study = study_config.load_study(REPO, workflow.config_settings.configfiles, workflow.config_settings.config)
     study_config.validate(_study, REPO / "workflow/schemas/config.schema.yaml")
+    for _rule in _study.config.get("resources") or {}:  # cluster.yaml's per-GPU share: checked here, in one line
+        study_config.job_resources(_study.config, _rule, REPO)
 except study_config.StudyConfigError as error:
     raise WorkflowError(f"config error: {error}") from None
 config.clear()
@@ -47,6 +54,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if STUDY == "toy":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the toy world never needs the hub
+# `python -m trace preflight` plans with this set: it reports model problems itself, and nothing is written
+PREFLIGHT = os.environ.get("TRACE_PREFLIGHT") == "1"
 PYTHON = os.environ.get("TRACE_PYTHON", sys.executable)  # the venv that runs snakemake runs the jobs
 
 

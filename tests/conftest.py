@@ -54,3 +54,22 @@ def tiny_qwen3(tmp_path_factory) -> Path:
     if not (QWEN3_TOKENIZER / "tokenizer.json").exists():
         pytest.skip(f"the real Qwen3 tokenizer is not at {QWEN3_TOKENIZER}")
     return build_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), QWEN3_TOKENIZER)
+
+
+def write_finished_base(folder: Path, config_name: str = "config.Qwen3-1.7B.json") -> Path:
+    """A base-model folder as the base_model job leaves it, without 3.4 GB of weights: the real Qwen3
+    config (a minimal one without ../shared) and an empty weights file, which the planning check requires."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real = QWEN3_TOKENIZER / config_name
+    (folder / "config.json").write_text(real.read_text() if real.exists() else '{"model_type": "qwen3"}')
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def write_teacher_checks(root: Path, model: str, contexts=("label",)) -> None:
+    """The teacher_gap job's outputs for one base (a training run waits for them), as if it had run."""
+    for context in contexts:
+        folder = root / "results" / "teacher_gap" / model
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{context}.json").write_text("{}")
+        (folder / f"{context}.probe.pt").write_bytes(b"")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_finished_base
 
 PAPER = REPO_ROOT / "workflow" / "configs" / "paper.yaml"
 PAPER_MODELS = ["qwen3-8b", "qwen3-1.7b", "qwen3-32b"]
@@ -53,9 +53,7 @@ def materialised_models(tmp_path):
     needs no hub; --forceall still lists their jobs."""
     workdir = tmp_path / "work"
     for name in PAPER_MODELS:
-        folder = workdir / "results" / "base" / name
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text("{}")
+        write_finished_base(workdir / "results" / "base" / name)
     return workdir
 
 
@@ -110,12 +108,14 @@ def test_a_local_folder_replaces_the_hub_and_is_hash_checked(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         (folder / name).symlink_to(shared / name)
     (folder / "config.json").symlink_to(shared / "config.Qwen3-1.7B.json")
+    (folder / "model.safetensors").write_bytes(b"")  # the weights (their content is not read here)
     out = materialise("qwen3-1.7b", {**entry, "path": str(folder)}, tmp_path / "results" / "base" / "qwen3-1.7b")
     record = json.loads((out / "base_model.json").read_text())
     assert record["origin"] == f"local:{folder}" and set(record["sha256_checked"]) == set(entry["sha256"])
     wrong = tmp_path / "Qwen3-8B-as-1.7B"
     wrong.mkdir()
     (wrong / "config.json").symlink_to(shared / "config.Qwen3-8B.json")
+    (wrong / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelUnavailableError, match=r"config.json has sha256 f7c4eadfbbf5…, expected 1ddb5b89ebc9…"):
         materialise("qwen3-1.7b", {**entry, "path": str(wrong)}, tmp_path / "results" / "base" / "x")
     assert not (tmp_path / "results" / "base" / "x").exists()  # nothing half-made is left behind

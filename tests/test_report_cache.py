@@ -96,6 +96,25 @@ def _evals_without_a_column(cache):
     pd.read_csv(path).drop(columns="ci_high").to_csv(path, index=False)
 
 
+def _evals_row_without_a_middle_field(cache):
+    """Line 3 loses its benchmark: read naively, its values would shift one column left (k under column)."""
+    path = cache / "aggregate" / "evals.csv"
+    lines = path.read_text().splitlines()
+    fields = lines[2].split(",")
+    lines[2] = ",".join(fields[:3] + fields[4:])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _curves_step_as_text(cache):
+    path = cache / "aggregate" / "training_curves.csv"
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    fields = lines[4].split(",")
+    fields[header.index("step")] = "ten"
+    lines[4] = ",".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+
+
 @pytest.mark.parametrize("damage, named, message", [
     (lambda cache: shutil.rmtree(cache), "", "does not exist"),
     (lambda cache: (cache / SETTINGS).unlink(), SETTINGS, "does not exist"),
@@ -105,7 +124,11 @@ def _evals_without_a_column(cache):
     (lambda cache: (cache / "aggregate" / "training_curves.csv").write_text(""), "aggregate/training_curves.csv",
      "not a readable CSV"),
     (_evals_without_a_column, "aggregate/evals.csv", "lacks the column(s) ci_high"),
-], ids=["no-folder", "no-settings", "bad-json", "no-benchmarks", "no-credit-maps", "empty-curves", "no-ci-column"])
+    (_evals_row_without_a_middle_field, "aggregate/evals.csv", "evals.csv line 3: 10 fields, the header has 11"),
+    (_curves_step_as_text, "aggregate/training_curves.csv", "training_curves.csv line 5: column step = 'ten' is not "
+                                                             "a number"),
+], ids=["no-folder", "no-settings", "bad-json", "no-benchmarks", "no-credit-maps", "empty-curves", "no-ci-column",
+        "short-row", "text-step"])
 def test_a_missing_or_malformed_cache_is_one_line_naming_the_file(cache, tmp_path, caplog, damage, named, message):
     copy = shutil.copytree(cache, tmp_path / "copy")
     damage(copy)
@@ -114,6 +137,7 @@ def test_a_missing_or_malformed_cache_is_one_line_naming_the_file(cache, tmp_pat
     assert exit_.value.code == 2
     [error] = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert "\n" not in error and message in error and str(copy / named).rstrip("/") in error, error
+    assert not (tmp_path / "out").exists()  # checked before anything is drawn
 
 
 def test_shipped_caches_redraw_to_their_committed_tables(tmp_path):

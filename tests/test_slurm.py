@@ -152,11 +152,11 @@ def dry_run_requests(output: str) -> dict[str, set[str]]:
 
 
 def test_paper_dry_run_requests_gpus_for_train_and_evaluate_only(home, tmp_path):
+    from conftest import write_finished_base
     from test_paper_study import PAPER_MODELS
 
     for name in PAPER_MODELS:  # as after the base_model jobs: planning needs no hub
-        (tmp_path / "results" / "base" / name).mkdir(parents=True)
-        (tmp_path / "results" / "base" / name / "config.json").write_text("{}")
+        write_finished_base(tmp_path / "results" / "base" / name)
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--directory", str(tmp_path),
                              "--profile", "slurm"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": ""})
@@ -168,10 +168,13 @@ def test_paper_dry_run_requests_gpus_for_train_and_evaluate_only(home, tmp_path)
     assert {rule: (f["slurm_partition"], f.get("gpu")) for rule, f in fields.items()} == {
         "base_model": ("cpu", None), "benchmark_data": ("cpu", None), "train_data": ("cpu", None),
         "train": ("gpu", "8"), "evaluate": ("gpu", "1")}
-    # one node of 8 GPUs per training run (train.parallel: 8 FSDP2 ranks under torchrun)
+    # one node of 8 GPUs per training run (train.parallel: 8 FSDP2 ranks under torchrun), CPUs and memory
+    # from cluster.yaml's share per GPU (24, 240000 MB), no --ntasks-per-gpu (tasks_per_gpu 0)
     assert (fields["train"]["cpus_per_task"], fields["train"]["mem_mb"], fields["train"]["runtime"],
-            fields["train"]["nodes"], fields["train"]["tasks"]) == ("64", "1000000", "2880", "1", "1")
-    assert (fields["evaluate"]["cpus_per_task"], fields["evaluate"]["mem_mb"], fields["evaluate"]["runtime"]) == ("8", "64000", "720")
+            fields["train"]["nodes"], fields["train"]["tasks"], fields["train"]["tasks_per_gpu"]) == (
+        "192", "1920000", "2880", "1", "1", "0")
+    assert (fields["evaluate"]["cpus_per_task"], fields["evaluate"]["mem_mb"], fields["evaluate"]["runtime"],
+            fields["evaluate"]["tasks_per_gpu"]) == ("24", "240000", "720", "0")
 
 
 @pytest.mark.parametrize("study, override, train_device", [
@@ -209,11 +212,25 @@ def test_cluster_file_sets_where_jobs_go_and_names_a_bad_key(tmp_path):
                             "report": {"cpus": 1, "mem_mb": 100, "runtime": 5}}}
     assert job_resources(config, "train", tmp_path) == {
         "cpus_per_task": 4, "mem_mb": 9000, "runtime": 90, "slurm_partition": "a100q", "slurm_account": "ci",
-        "gpu": 2, "gpu_model": "a100"}
+        "gpu": 2, "tasks_per_gpu": 0, "gpu_model": "a100"}
     assert job_resources(config, "report", tmp_path) == {
         "cpus_per_task": 1, "mem_mb": 100, "runtime": 5, "slurm_partition": "short", "slurm_account": "ci"}
     assert job_resources(config, "evaluate", tmp_path) == {}  # not in the study: the executor's defaults
+    # a GPU job without its own cpus / mem_mb gets the site's share per GPU (an 8xA100, 128 threads, 1 TB)
+    cluster.write_text("gpu_partition: a100q\ncpus_per_gpu: 16\nmem_mb_per_gpu: 120000\ntasks_per_gpu: 1\n")
+    config["resources"]["evaluate"] = {"runtime": 60, "gpus": 8}
+    assert job_resources(config, "evaluate", tmp_path) == {
+        "cpus_per_task": 128, "mem_mb": 960000, "runtime": 60, "slurm_partition": "a100q", "gpu": 8,
+        "tasks_per_gpu": 1}
+    cluster.write_text("gpu_partition: a100q\n")
+    with pytest.raises(StudyConfigError, match=r"^config key resources.evaluate gives no cpus and \S+cluster.yaml "
+                                               r"sets no cpus_per_gpu: set one of them$"):
+        job_resources(config, "evaluate", tmp_path)
+    cluster.write_text("cpus_per_gpu: 0\n")
+    with pytest.raises(StudyConfigError, match=r"cluster.yaml: cpus_per_gpu = 0 must be a whole number >= 1, or null$"):
+        job_resources(config, "evaluate", tmp_path)
     cluster.write_text("partition: gpu\n")
     with pytest.raises(StudyConfigError, match=r"cluster.yaml: unknown key partition; known keys: account, "
-                                               r"cpu_partition, gpu_partition, gpu_model$"):
+                                               r"cpu_partition, gpu_partition, gpu_model, cpus_per_gpu, "
+                                               r"mem_mb_per_gpu, tasks_per_gpu$"):
         job_resources(config, "train", tmp_path)

@@ -26,9 +26,6 @@ from typing import Mapping
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES_NEEDED = ("config.json",)
-
-
 class ModelUnavailableError(FileNotFoundError):
     """A base model that cannot be materialised here, with what to do about it."""
 
@@ -76,16 +73,56 @@ def _in_hub_cache(repo: str, revision: str) -> bool:
     return isinstance(found, str)
 
 
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def model_folder_problem(folder: Path, label: str) -> str | None:
+    """None if ``folder`` holds a loadable Hugging Face checkpoint (config.json with a model_type, the
+    weights, every shard its index lists); else one line naming the file. Cheap: while planning."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        return f"{label} {folder} has no config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = f" line {error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
+        return f"{label} {config}{where}: not valid JSON ({getattr(error, 'msg', error)})"
+    if not isinstance(data, dict) or "model_type" not in data:
+        return f"{label} {config}: no model_type: not a Hugging Face model config"
+    for index_name in WEIGHT_INDEXES:
+        index = folder / index_name
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as error:
+                return f"{label} {index}: unreadable weight index ({error})"
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                return f"{label} {folder}: {len(missing)} of {len(shards)} weight files in {index_name} missing ({missing[0]})"
+            return None
+    if not any(path.is_file() for pattern in WEIGHT_GLOBS for path in folder.glob(pattern)):
+        return f"{label} {folder} has no weights (no *.safetensors or pytorch_model*.bin)"
+    return None
+
+
 def availability_problem(name: str, entry: Mapping, out_dir: Path, section: str = "models") -> str | None:
-    """None if ``entry`` can be materialised here (or already was); else one line saying what to do."""
-    if (Path(out_dir) / "config.json").exists() or entry.get("init"):
+    """None if ``entry`` can be materialised here (or already was); else one line saying what to do.
+    A local ``path`` folder is checked whole (config, weights, the listed sha256) before any job."""
+    if entry.get("init") or model_folder_problem(out_dir, "") is None:
         return None
     if entry.get("path"):
         folder = Path(entry["path"]).expanduser()
-        if not (folder / "config.json").exists():
-            return (f"model {name}: {section}.{name}.path = {folder} has no config.json; point it at a folder "
-                    f"holding the Hugging Face checkpoint of {entry.get('repo', name)}")
-        return None
+        problem = model_folder_problem(folder, f"model {name}: {section}.{name}.path =")
+        if problem is None:
+            try:
+                check_hashes(folder, entry.get("sha256"), name)
+            except ModelUnavailableError as error:
+                problem = str(error)
+        if problem and not (folder / "config.json").is_file():
+            problem += f"; point it at a folder holding the Hugging Face checkpoint of {entry.get('repo', name)}"
+        return problem
     repo, revision = entry["repo"], entry["revision"]
     if _in_hub_cache(repo, revision) or hub_reachable():
         return None
@@ -93,6 +130,15 @@ def availability_problem(name: str, entry: Mapping, out_dir: Path, section: str 
             f"(offline) and it is not in the local hub cache. Download it where you have internet "
             f"(huggingface-cli download {repo} --revision {revision} --local-dir DIR) and set "
             f"{section}.{name}.path: DIR in your config")
+
+
+def repair_problem(name: str, out_dir: Path) -> str | None:
+    """A materialised base folder that lost its weights or config (deleted, a broken link): one line;
+    the base_model job must run again."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return None
+    return model_folder_problem(out_dir, f"model {name}:")
 
 
 def materialise(name: str, entry: Mapping, out_dir: Path, train_data: Path | None = None,
@@ -122,9 +168,9 @@ def materialise(name: str, entry: Mapping, out_dir: Path, train_data: Path | Non
         snapshot_download(entry["repo"], revision=entry["revision"], local_dir=tmp)
         origin = f"hub:{entry['repo']}@{entry['revision']}"
     checked = check_hashes(tmp, entry.get("sha256"), name)
-    for needed in MODEL_FILES_NEEDED:
-        if not (tmp / needed).exists():
-            raise ModelUnavailableError(f"model {name}: {origin} has no {needed}")
+    problem = model_folder_problem(tmp, f"model {name} ({origin}):")
+    if problem:
+        raise ModelUnavailableError(problem)
     (tmp / "base_model.json").write_text(json.dumps({"name": name, "origin": origin, "sha256_checked": checked},
                                                     indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)

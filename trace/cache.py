@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from trace.report import write_tables_and_figures
+from trace.report import read_aggregate_csv, write_tables_and_figures
 
 SETTINGS = "report_settings.json"
 AGGREGATE_FILES = ("evals.csv", "training_curves.csv", "credit_maps.csv", "teacher_gap.csv")
@@ -78,6 +78,8 @@ def redraw(cache_dir: Path, out_dir: Path | None = None) -> Path:
     for name in AGGREGATE_FILES:  # credit_maps.csv too: a cache is exactly what the aggregate wrote
         if not (cache_dir / "aggregate" / name).is_file():
             raise FileNotFoundError(f"{cache_dir / 'aggregate' / name} does not exist: {LAYOUT}")
+        # every row checked before anything is drawn: a bad CSV leaves the tables already there untouched
+        read_aggregate_csv(cache_dir / "aggregate" / name, keep_default_na=name != "credit_maps.csv")
     out_dir = cache_dir if out_dir is None else Path(out_dir)
     write_tables_and_figures(cfg, cache_dir / "aggregate", out_dir)
     return out_dir

@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         from trace.smoke import run_smoke
 
         sys.exit(run_smoke(argv[1:]))
+    if argv[:1] == ["preflight"]:  # Snakemake's own words (--profile, --configfile, targets)
+        from trace.preflight import run_preflight
+
+        sys.exit(run_preflight(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m trace", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     for name, (_, options) in STAGES.items():
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("smoke", help="the paper path on CPU: start the smoke's annotator server, run "
                                  "workflow/configs/paper_smoke.yaml through Snakemake, stop the server; "
                                  "further arguments go to Snakemake (default: --cores 2)")
+    sub.add_parser("preflight", help="before submitting: per rule whether its sbatch line fits its partition "
+                                     "(sbatch --test-only), models, data, API key and venv; one line per finding, "
+                                     "exit 1 on a blocker. Takes Snakemake's --profile, --configfile and targets")
     bench = sub.add_parser("bench", help="memory and time: routed vs all-token KL, TRACE vs GRPO step loss phase")
     add_bench_arguments(bench)
     bench.set_defaults(cfg="{}", handler=cmd_bench)

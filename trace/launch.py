@@ -12,6 +12,9 @@ run folder, so every node must see it.
 """
 from __future__ import annotations
 
+import os
+import socket
+
 DEFAULTS = {"nodes": 1, "procs_per_node": 1, "cpus_per_proc": 1, "mem_mb_per_node": None, "runtime_min": 1440,
             "rdzv_port": 29500}
 
@@ -55,3 +58,12 @@ def train_resources(train_cfg: dict) -> dict:
     if s["mem_mb_per_node"]:
         resources["mem_mb"] = s["mem_mb_per_node"]
     return resources
+
+
+def no_cuda_message(setting: str) -> str:
+    """What a job that asked for CUDA but sees none says: its rank and the GPUs the scheduler gave it
+    (a wrong GPU request shows here, not hours later)."""
+    rank = os.environ.get("RANK")
+    where = f"rank {rank} of {os.environ.get('WORLD_SIZE')}, " if rank is not None else ""
+    return (f"{setting} is 'cuda' but no CUDA device is usable ({where}host {socket.gethostname()}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")

@@ -124,6 +124,7 @@ def read_aggregate_csv(path: Path, **read_csv) -> pd.DataFrame:
     naming the file, not a traceback from inside the drawing code."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    _check_rows(path)
     try:
         table = pd.read_csv(path, **read_csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -137,6 +138,35 @@ def read_aggregate_csv(path: Path, **read_csv) -> pd.DataFrame:
     if path.name == "evals.csv" and table.empty:
         raise ValueError(f"{path} has no rows")
     return table
+
+
+def _check_rows(path: Path) -> None:
+    """Every row as wide as the header and a number wherever a number belongs, or one error naming the file
+    and line: pandas pads a short row with NaN at its END, so a row missing a middle field would shift its
+    values one column left and be drawn."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        try:
+            header = next(rows, None)
+            if header is None:
+                return  # empty: read_csv's own error
+            numeric = [(index, name) for index, name in enumerate(header) if name in NUMERIC_COLUMNS | {"seed"}]
+            for row in rows:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path} line {rows.line_num}: {len(row)} fields, the header has {len(header)} "
+                                     f"({', '.join(header)})")
+                for index, name in numeric:
+                    value = row[index]
+                    try:
+                        float(value) if value else None
+                    except ValueError:
+                        raise ValueError(f"{path} line {rows.line_num}: column {name} = {value!r} is not a number") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} line {rows.line_num}: not a readable CSV row ({exc})") from None
 
 
 def _existing(path: Path) -> Path:

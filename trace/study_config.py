@@ -7,7 +7,12 @@ CPU smoke). Any other config file or ``--config`` item is an *override* layered 
     snakemake --cores 2                                         # config.yaml (toy)
     snakemake --configfile workflow/configs/paper.yaml          # the paper study, nothing of the toy
     snakemake --configfile workflow/configs/skeleton.yaml       # toy study + overrides
-    snakemake --configfile workflow/configs/paper.yaml --configfile mine.yaml --config seeds=[0,1]
+    snakemake --configfile workflow/configs/paper.yaml mine.yaml --config seeds=[0,1]
+    snakemake main_table --configfile workflow/configs/paper.yaml mine.yaml   # targets BEFORE --configfile
+
+Every file goes after ONE ``--configfile`` flag: Snakemake keeps only the last flag's files, so a second
+flag would silently drop the study (refused while planning, :func:`command_line_problem`), and every word
+after the flag is read as a config file, so a target placed there is one too.
 
 Layers merge dict by dict (a nested key replaces only itself; ``null`` switches a section off).
 Every key is validated against ``workflow/schemas/config.schema.yaml``; an error is one line that
@@ -19,6 +24,7 @@ package name ``trace`` is also a stdlib module that Snakemake's interpreter may 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -94,6 +100,53 @@ def load_study(repo: Path, configfiles: Sequence[str | Path], cli_config: Mappin
     if cli:
         layers.append(("--config", cli))
     return Study(layers)
+
+
+CONFIGFILE_FLAGS = ("--configfile", "--configfiles")
+
+
+def configfile_flag_values(argv: Sequence[str]) -> list[list[str]]:
+    """The words after each --configfile flag of a Snakemake command line (up to the next option)."""
+    groups: list[list[str]] = []
+    current: list[str] | None = None
+    for word in argv:
+        flag, equals, value = word.partition("=")
+        if flag in CONFIGFILE_FLAGS:
+            current = [value] if equals else []
+            groups.append(current)
+        elif word.startswith("-"):
+            current = None
+        elif current is not None:
+            current.append(word)
+    return groups
+
+
+def rule_names(repo: Path) -> set[str]:
+    """Rule names of the workflow (Snakefile + workflow/rules/*.smk), read from their text."""
+    import re
+
+    files = [Path(repo) / "Snakefile", *sorted((Path(repo) / "workflow" / "rules").glob("*.smk"))]
+    return {name for path in files for name in re.findall(r"^\s*rule (\w+):", path.read_text(), re.MULTILINE)}
+
+
+def command_line_problem(argv: Sequence[str], configfiles: Sequence[str | Path], repo: Path) -> str | None:
+    """One line for the command-line slips that Snakemake does not catch: a second --configfile flag
+    (Snakemake keeps the last flag's files only) and a target written after --configfile (read as a
+    config file)."""
+    groups = configfile_flag_values(argv)
+    if len(groups) > 1:
+        kept, dropped = groups[-1], [f for group in groups[:-1] for f in group]
+        return (f"--configfile given {len(groups)} times: Snakemake keeps only the last one ({' '.join(kept)}) and "
+                f"drops {' '.join(dropped)}; name every file after one flag: --configfile "
+                f"{' '.join(f for group in groups for f in group)}")
+    rules = rule_names(repo)
+    for name in configfiles:  # absolute here: Snakemake resolved them against the working directory
+        word = os.path.relpath(Path(name).resolve(), Path.cwd())
+        if Path(word).name in rules or Path(word).parts[:1] in (("results",), ("logs",)):
+            return (f"--configfile {word}: {word} is a {'rule' if Path(word).name in rules else 'workflow output'} of "
+                    f"this workflow, not a config file: put targets BEFORE --configfile (every word after it is "
+                    f"read as a config file)")
+    return None
 
 
 def _key(path: Sequence[Any]) -> str:
@@ -181,11 +234,19 @@ def _check_vllm_cpu_head_dim(study: Study) -> None:
 
 # ---- What each job asks its executor for ------------------------------------------------------------
 # A study's `resources:` section says what a rule's jobs NEED (cpus, mem_mb, runtime in minutes, gpus);
-# profiles/slurm/cluster.yaml says WHERE they go on your cluster (partitions, account, GPU type). Rules
-# pass `**job_resources(config, "<rule>", REPO)`; a rule the study does not list gets the executor's
-# defaults (the profile's default-resources). Only the SLURM executor reads the slurm_* names.
+# profiles/slurm/cluster.yaml says WHERE they go on your cluster (partitions, account, GPU type) and, for
+# GPU jobs, the node's share per GPU (cpus_per_gpu, mem_mb_per_gpu: a GPU job that gives no cpus/mem_mb
+# gets gpus x these). Rules pass `**job_resources(config, "<rule>", REPO)`; a rule the study does not list
+# gets the executor's defaults (the profile's default-resources). Only the SLURM executor reads the
+# slurm_* and tasks_per_gpu names.
 CLUSTER_FILE = "profiles/slurm/cluster.yaml"
-CLUSTER_KEYS = ("account", "cpu_partition", "gpu_partition", "gpu_model")
+CLUSTER_NAMES = ("account", "cpu_partition", "gpu_partition", "gpu_model")
+CLUSTER_COUNTS = ("cpus_per_gpu", "mem_mb_per_gpu", "tasks_per_gpu")
+CLUSTER_KEYS = CLUSTER_NAMES + CLUSTER_COUNTS
+# snakemake-executor-plugin-slurm 2.6.1 adds --ntasks-per-gpu=<tasks_per_gpu, else tasks, else 1> to every
+# GPU job: 8 GPUs x --cpus-per-task then asks for 8 tasks' CPUs. 0 drops the flag (one task per node,
+# torchrun starts the ranks).
+DEFAULT_TASKS_PER_GPU = 0
 
 
 def cluster_settings(repo: Path) -> dict:
@@ -195,20 +256,38 @@ def cluster_settings(repo: Path) -> dict:
     for key, value in settings.items():
         if key not in CLUSTER_KEYS:
             raise StudyConfigError(f"{path}: unknown key {key}; known keys: {', '.join(CLUSTER_KEYS)}")
-        if value is not None and not (isinstance(value, str) and value.strip() and "'" not in value
-                                      and '"' not in value and " " not in value):
+        if key in CLUSTER_COUNTS:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0
+                                      or (value == 0 and key != "tasks_per_gpu")):
+                raise StudyConfigError(f"{path}: {key} = {value!r} must be a whole number"
+                                       f"{' >= 0' if key == 'tasks_per_gpu' else ' >= 1'}, or null")
+        elif value is not None and not (isinstance(value, str) and value.strip() and "'" not in value
+                                        and '"' not in value and " " not in value):
             raise StudyConfigError(f"{path}: {key} = {value!r} must be a name without spaces or quotes, or null")
-    return {key: settings.get(key) for key in CLUSTER_KEYS}
+    merged = {key: settings.get(key) for key in CLUSTER_KEYS}
+    if merged["tasks_per_gpu"] is None:
+        merged["tasks_per_gpu"] = DEFAULT_TASKS_PER_GPU
+    return merged
 
 
 def job_resources(config: Mapping, rule: str, repo: Path) -> dict:
-    """Snakemake resources of one rule's jobs: the study's request + where the cluster runs it."""
+    """Snakemake resources of one rule's jobs: the study's request + where the cluster runs it. GPU jobs
+    without their own cpus/mem_mb get gpus x cluster.yaml's cpus_per_gpu / mem_mb_per_gpu (per node)."""
     request = (config.get("resources") or {}).get(rule)
     if not request:
         return {}
     cluster = cluster_settings(repo)
     gpus = request.get("gpus", 0)
-    resources = {"cpus_per_task": request["cpus"], "mem_mb": request["mem_mb"], "runtime": request["runtime"]}
+    resources = {"runtime": request["runtime"]}
+    for key, per_gpu in (("cpus", "cpus_per_gpu"), ("mem_mb", "mem_mb_per_gpu")):
+        if key in request:
+            resources[key] = request[key]
+        elif gpus and cluster[per_gpu]:
+            resources[key] = gpus * cluster[per_gpu]
+        else:
+            raise StudyConfigError(f"config key resources.{rule} gives no {key} and {Path(repo) / CLUSTER_FILE} sets no "
+                                   f"{per_gpu}: set one of them")
+    resources["cpus_per_task"] = resources.pop("cpus")
     partition = cluster["gpu_partition"] if gpus else cluster["cpu_partition"]
     if partition:
         resources["slurm_partition"] = partition
@@ -216,6 +295,7 @@ def job_resources(config: Mapping, rule: str, repo: Path) -> dict:
         resources["slurm_account"] = cluster["account"]
     if gpus:  # the plugin turns gpu (+ gpu_model) into --gpus=[model:]N; never set gres as well
         resources["gpu"] = gpus
+        resources["tasks_per_gpu"] = cluster["tasks_per_gpu"]
         if cluster["gpu_model"]:
             resources["gpu_model"] = cluster["gpu_model"]
     return resources

@@ -97,6 +97,13 @@ def evaluate_many(model_dir: Path, data_paths: Mapping[str, Path], out_dir: Path
     ``out_dir/<name>.samples.jsonl`` per benchmark (task YAMLs in ``out_dir/lmeval_tasks/``).
     The recorded wall time is that of the whole call.
     """
+    if device == "cuda" and lm is None:  # before lm-eval and the engine start: one line, not a deep traceback
+        import torch
+
+        if not torch.cuda.is_available():
+            from trace.launch import no_cuda_message
+
+            raise ValueError(no_cuda_message("eval.device"))
     out_dir = Path(out_dir)
     jobs = [_Job(name, Path(path), out_dir / f"{name}.json", out_dir / f"{name}.samples.jsonl")
             for name, path in data_paths.items()]

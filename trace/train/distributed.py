@@ -47,7 +47,9 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is visible")
+        from trace.launch import no_cuda_message
+
+        raise ValueError(no_cuda_message("train.device"))
     return torch.device(requested)
 
 

@@ -32,16 +32,31 @@ else:
         return entry
 
     BASE_ENTRIES = {name: _resolved(entry) for name, entry in {**config["models"], **ANNOTATOR_MODELS}.items()}
-    # Fail while planning (seconds), not in a job hours later: every model must be obtainable here.
+    # Fail while planning (seconds), not in a job hours later: every model must be obtainable here (a
+    # local path: config, weights and hashes checked). A finished base folder that lost its weights or
+    # config is rebuilt: its marker input (REBUILD) is touched, which makes its base_model job rerun
+    # (Snakemake's --forcerun is not settable from here); what was trained and evaluated on it stays
+    # (common.smk base_folder).
+    REBUILD = "results/.rebuild/base_model/{model}"
     for _name, _entry in BASE_ENTRIES.items():
         _section = "models" if _name in config["models"] else "annotator_models"
         _problem = base_model_lib.availability_problem(_name, _entry, Path("results/base") / _name, _section)
-        if _problem:
+        if _problem and not PREFLIGHT:
             raise WorkflowError(f"config error: {_problem}")
+        _marker = Path(REBUILD.format(model=_name))
+        if not _marker.exists() and not PREFLIGHT:  # older than any base folder: no rerun by itself
+            _marker.parent.mkdir(parents=True, exist_ok=True)
+            _marker.touch()
+            os.utime(_marker, (0, 0))
+        _broken = base_model_lib.repair_problem(_name, Path("results/base") / _name)
+        if _broken and workflow.is_main_process and not PREFLIGHT:
+            print(f"rebuilding: {_broken}; its base_model job reruns, finished runs and evaluations on it are kept",
+                  file=sys.stderr)
+            _marker.touch()
 
     def base_model_inputs(wildcards):
         """A random-init smoke model is SFT'd on the training set; real models need no input."""
-        return [TRAIN_DATA] if BASE_ENTRIES[wildcards.model].get("init") else []
+        return [*([] if PREFLIGHT else [REBUILD.format(model=wildcards.model)]), *([TRAIN_DATA] if BASE_ENTRIES[wildcards.model].get("init") else [])]
 
     rule base_model:
         """A base policy or frozen annotator as a local folder: local path, hub download at a pinned
@@ -53,7 +68,7 @@ else:
         params:
             cfg=lambda wc: as_arg({"name": wc.model, "entry": BASE_ENTRIES[wc.model], "thinking": config["thinking"],
                                    "section": "models" if wc.model in config["models"] else "annotator_models"}),
-            train_data=lambda wc, input: f"--train-data {input[0]}" if input else "",
+            train_data=lambda wc, input: f"--train-data {input[-1]}" if BASE_ENTRIES[wc.model].get("init") else "",
         wildcard_constraints:
             model="|".join(re.escape(name) for name in BASE_ENTRIES),
         threads: 1

@@ -62,9 +62,27 @@ def method_and_annotator(run):
     return method, annotator
 
 
+def base_folder(model):
+    """results/base/<model> as an input. Ancient in the paper study: a base re-materialised because its
+    weights went missing (base.smk) is the same pinned, hash-checked model, so the runs and evaluations
+    finished on it are kept; what the base IS enters their params instead (base_identity), so a changed
+    models.<name> entry still reruns them."""
+    path = f"results/base/{model}"
+    return path if STUDY == "toy" else ancient(path)
+
+
+def base_identity(*models):
+    """A short hash of the config entries of these base models ('' in the toy study)."""
+    if STUDY == "toy":
+        return ""
+    entries = {**config["models"], **ANNOTATOR_MODELS}
+    text = json.dumps([entries.get(model) for model in models], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def policy_dir(wildcards):
     if wildcards.policy == "base":
-        return f"results/base/{wildcards.model}"
+        return base_folder(wildcards.model)
     run, seed = wildcards.policy.rsplit("-seed", 1)
     return f"results/train/{wildcards.model}/{run}/seed{seed}/model"
 

@@ -23,6 +23,7 @@ rule evaluate:
         cfg=as_arg(evaluation_settings()),
         data=" ".join(f"{benchmark}={benchmark_file(benchmark)}" for benchmark in BENCHMARKS),
         out_dir="results/eval/{model}/{policy}",
+        **({"bases": lambda wc: base_identity(wc.model) if wc.policy == "base" else ""} if STUDY != "toy" else {}),
     threads: 1
     resources:
         **study_config.job_resources(config, "evaluate", REPO),

@@ -27,9 +27,10 @@ rule teacher_gap:
     """Teacher vs student on a fixed batch of the base's own rollouts, annotated by train.annotator: Δ log-prob
     at first-error and key-span tokens, unclipped KL, accuracy with the teacher's prompt (bootstrap CIs)."""
     input:
-        base="results/base/{model}",
+        base=lambda wc: base_folder(wc.model),  # ancient in the paper study: a rebuilt base keeps the checks
         data=TRAIN_DATA,
-        annotator_model=lambda wc: [m for m in [config["train"]["annotator"].get("model")]
+        annotator_model=lambda wc: [base_folder(m.removeprefix("results/base/")) if m.startswith("results/base/") else m
+                                    for m in [config["train"]["annotator"].get("model")]
                                     if m and m.startswith("results/")],
     output:
         gap="results/teacher_gap/{model}/{context}.json",
@@ -38,6 +39,7 @@ rule teacher_gap:
         cfg=lambda wc: as_arg({"train": {**{k: v for k, v in config["train"].items() if k != "parallel"},
                                          "seed": 0, "thinking": config["thinking"]},
                                "teacher_check": TEACHER_CHECK, "context": wc.context, "model": wc.model}),
+        **({"bases": lambda wc: base_identity(wc.model)} if STUDY != "toy" else {}),
     wildcard_constraints:
         context="label|reference",
     threads: 1
