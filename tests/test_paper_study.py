@@ -63,9 +63,10 @@ def test_profile_dry_run_lists_exactly_the_paper_grid(slurm_profile_home, materi
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout + result.stderr)
     # 2 models x 6 Table 2 methods + 3 tiers (8B) + 3 masks (1.7B) = 18 runs; one evaluation job per
-    # policy: 2 bases + 18 runs; 3 base models (8B, 1.7B, the frozen 32B annotator); no toy job
-    assert counts == {"base_model": 3, "benchmark_data": 1, "train_data": 1, "train": 18, "evaluate": 20,
-                      "aggregate": 1, "report": 1, "all": 1}, counts
+    # policy: 2 bases + 18 runs; 3 base models (8B, 1.7B, the frozen 32B annotator); no toy job; one teacher
+    # check per student base and teacher context (label for TRACE and the probe, reference for SDPO/SRPO/RLSD)
+    assert counts == {"base_model": 3, "benchmark_data": 1, "train_data": 1, "teacher_gap": 4, "train": 18,
+                      "evaluate": 20, "aggregate": 1, "report": 1, "all": 1}, counts
 
 
 def test_paper_tables_are_targets_of_their_own(slurm_profile_home, materialised_models):
@@ -73,9 +74,10 @@ def test_paper_tables_are_targets_of_their_own(slurm_profile_home, materialised_
     result = snakemake("mask_localisation", "-n", "--profile", "slurm", "--forceall", "--quiet", "rules",
                        workdir=materialised_models, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    # Qwen3-1.7B only: grpo, trace_fkl and the three masks; its base and 6 evaluations
+    # Qwen3-1.7B only: grpo, trace_fkl and the three masks; its base, its label teacher check and 6 evaluations
     assert job_counts(result.stdout + result.stderr) == {
-        "base_model": 1, "benchmark_data": 1, "train_data": 1, "train": 5, "evaluate": 6, "mask_localisation": 1}
+        "base_model": 1, "benchmark_data": 1, "train_data": 1, "teacher_gap": 1, "train": 5, "evaluate": 6,
+        "mask_localisation": 1}
     result = snakemake("annotator_tiers", "-n", "--profile", "slurm", "--forceall", "-p",
                        workdir=materialised_models, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
