@@ -41,14 +41,15 @@ def _stat(mean, low, high, n=50):
     (_stat(0.3, 0.2, 0.4), _stat(-1, -1.2, -0.8), ("better", "first_error_correct")),
     (_stat(-6.2, -6.9, -5.5), _stat(-7, -8, -6), ("worse", "first_error_correct")),
     (_stat(0.1, -0.1, 0.3), _stat(-1, -2, -0.5), ("uninformative", "first_error_correct")),
-    # real data: no correct token known, the sampled wrong token decides (a good teacher lowers it)
-    (_stat(None, None, None, 0), _stat(-0.5, -0.8, -0.2), ("better", "first_error_sampled")),
-    (_stat(None, None, None, 0), _stat(0.5, 0.2, 0.8), ("worse", "first_error_sampled")),
+    # real data: no correct token known, the sampled wrong token decides (a good teacher lowers it more
+    # than the rollout's other tokens)
+    (_stat(None, None, None, 0), _stat(-0.5, -0.8, -0.2), ("better", "first_error_sampled_relative")),
+    (_stat(None, None, None, 0), _stat(0.5, 0.2, 0.8), ("worse", "first_error_sampled_relative")),
     (_stat(None, None, None, 0), _stat(0.5, 0.2, 0.8, n=3), ("uninformative",
                                                              "fewer than 10 first-error positions")),
 ])
 def test_verdict_rests_on_the_ci_of_the_first_error_statistic(correct, sampled, expected):
-    assert verdict({"first_error_correct": correct, "first_error_sampled": sampled}) == expected
+    assert verdict({"first_error_correct": correct, "first_error_sampled_relative": sampled}) == expected
 
 
 def test_summary_is_the_mean_with_a_bootstrap_ci():

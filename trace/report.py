@@ -86,6 +86,7 @@ def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_
 # the teacher check (trace/train/teacher_gap.py): one row per (model, teacher context), each statistic as
 # mean / ci_low / ci_high / n; the markdown table's column title for each
 GAP_STATS = {"first_error_correct": "Δ correct @1st error", "first_error_sampled": "Δ sampled @1st error",
+             "first_error_sampled_relative": "Δ sampled @1st error − off-span Δ",
              "share_correct_up": "share correct ↑", "key_span": "Δ key span", "share_key_q_above_p": "share key q>p",
              "kl_span": "KL span", "kl_span_clipped": "KL span clipped", "clip_binds_span": "clip binds",
              "kl_off_span": "KL off span", "first_error_in_routed_span": "1st error routed",

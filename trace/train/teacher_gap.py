@@ -28,7 +28,8 @@ all the base), every number with a 95 % percentile-bootstrap CI over rollouts:
                         first annotated rollout; G samples each), on the same problems
 
 Verdict: ``better`` when the CI of first_error_correct lies above 0 (without a correct token:
-first_error_sampled below 0), ``worse`` when it lies on the other side, else ``uninformative`` (too
+first_error_sampled_relative = Δ of the sampled error token minus the rollout's mean Δ off the spans
+below 0, since a context that flattens every prediction also lowers the error token), ``worse`` when it lies on the other side, else ``uninformative`` (too
 few error positions, or a CI over 0). Training a distillation method refuses to start on ``worse``
 (``teacher_check.on_worse: warn`` downgrades it to a loud warning; trace/cli.py).
 
@@ -71,11 +72,12 @@ def summary(values: list[float], seed: int = 0) -> dict:
 
 def verdict(stats: dict) -> tuple[str, str]:
     """('better' | 'worse' | 'uninformative', the statistic it rests on)."""
-    correct, sampled = stats["first_error_correct"], stats["first_error_sampled"]
+    correct, sampled = stats["first_error_correct"], stats["first_error_sampled_relative"]
     if correct["n"] >= MIN_POSITIONS:
         basis, good, bad = "first_error_correct", correct["ci_low"] > 0, correct["ci_high"] < 0
     elif sampled["n"] >= MIN_POSITIONS:  # no correct token known: a good teacher lowers the sampled error
-        basis, good, bad = "first_error_sampled", sampled["ci_high"] < 0, sampled["ci_low"] > 0
+        # more than it lowers the rollout's other tokens
+        basis, good, bad = "first_error_sampled_relative", sampled["ci_high"] < 0, sampled["ci_low"] > 0
     else:
         return "uninformative", f"fewer than {MIN_POSITIONS} first-error positions"
     return ("better" if good else "worse" if bad else "uninformative"), basis
@@ -225,10 +227,15 @@ def measure(trainer, context: str, n_prompts: int, seed: int) -> tuple[dict, dic
     delta = scores["q"] - scores["p"]
     known = [(r, t) for r, t, c in first_errors if c >= 0]
     spans = (capped.key | capped.error) & mask
+    off = mask & ~spans
     key_tokens = capped.key & mask & correct.bool().unsqueeze(1)
     stats = {
         "first_error_correct": summary([float(scores["q_extra"][r, t] - scores["p_extra"][r, t]) for r, t in known]),
         "first_error_sampled": summary([float(delta[r, t]) for r, t, _ in first_errors]),
+        # the same, relative to the rollout's own tokens outside the spans: a context that merely flattens
+        # every prediction lowers the sampled error token too, without knowing anything about it
+        "first_error_sampled_relative": summary([float(delta[r, t] - delta[r][off[r]].mean())
+                                                 for r, t, _ in first_errors if off[r].any()]),
         "first_error_margin": summary([float((scores["q_extra"][r, t] - scores["q"][r, t])
                                              - (scores["p_extra"][r, t] - scores["p"][r, t])) for r, t in known]),
         "share_correct_up": summary([float(scores["q_extra"][r, t] > scores["p_extra"][r, t]) for r, t in known]),
