@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny toy world (data, tokenizer, model) built once per test session."""
+"""Shared fixtures: a tiny toy world (data, tokenizer, model) built once per test session; and what
+keeps the fast test set fast (below)."""
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +78,104 @@ def write_teacher_checks(root: Path, model: str, contexts=("label",)) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{context}.json").write_text("{}")
         (folder / f"{context}.probe.pt").write_bytes(b"")
+
+
+# ----------------------------------------------------------------------------- the fast set and the full set
+# `pytest` runs the fast set (pyproject.toml's addopts: -m "not slow"); `pytest -m "slow or not slow"` runs
+# every test (.ci/run). A test is slow by what it does, so a new slow test cannot slip into the fast set:
+#  * it uses a fixture that trains or builds a model (MODEL_FIXTURES, directly or through another fixture),
+#    or it needs a real SLURM (`slurm`): marked slow here, at collection;
+#  * it spawns anything but a cheap command (`cheap_command`, or lm-eval recording the environment):
+#    a fast test that does fails, naming it;
+#  * it uses more than FAST_TEST_CPU_S of this process's CPU time, its fixtures' setup included: it fails.
+# Everything else that is slow (training or evaluating in a subprocess, Snakemake runs, torchrun,
+# gpu_check, vLLM) carries @pytest.mark.slow, which the two checks above ask for.
+MODEL_FIXTURES = {"tiny_base": "trains a tiny model", "tiny_qwen3": "builds a Qwen3 with the real vocabulary"}
+FAST_TEST_CPU_S = 30.0
+
+
+def cheap_command(argv) -> str | None:
+    """What a fast test may spawn, in words; None when the command is not cheap."""
+    args = shlex.split(argv) if isinstance(argv, (str, bytes)) else [os.fsdecode(a) for a in argv]
+    names = [Path(a).name for a in args]
+    if "snakemake" in names and {"-n", "--dry-run"} & set(args):
+        return "a Snakemake dry run"  # planning only: how the fast set checks both studies' DAGs and config errors
+    if names[:1] in (["sinfo"], ["scontrol"], ["squeue"]):
+        return "a SLURM query"
+    if "install_profile.sh" in names:
+        return "the SLURM profile installer"
+    if any("trace.verify" in a and "worker_loop" in a for a in args):
+        return "the grader's worker"  # trace/verify.py grades in worker processes (math-verify's timeouts)
+    return None
+
+
+# lm-eval records the environment with every result: `git describe`, `pip list` and the like, through these
+ENVIRONMENT_REPORTS = ("lm_eval/loggers/utils.py", "torch/utils/collect_env.py")
+
+
+def spawned_for_an_environment_report() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.replace(os.sep, "/").endswith(ENVIRONMENT_REPORTS):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def slow_reason(item) -> str | None:
+    """Why collection marks ``item`` slow (None: it does not)."""
+    used = [name for name in MODEL_FIXTURES if name in getattr(item, "fixturenames", ())]
+    if used:
+        return f"uses {used[0]} ({MODEL_FIXTURES[used[0]]})"
+    if item.get_closest_marker("slurm"):
+        return "runs jobs on a real SLURM"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        reason = slow_reason(item)
+        if reason and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow(reason=reason))
+
+
+_RUNNING: dict = {"item": None, "cpu": 0.0}  # the test being run (fixtures of any scope included)
+_POPEN_INIT = subprocess.Popen.__init__
+
+
+def _guarded_popen_init(self, args, *more, **options):
+    item = _RUNNING["item"]
+    if (item is not None and not item.get_closest_marker("slow") and cheap_command(args) is None
+            and not spawned_for_an_environment_report()):
+        shown = args if isinstance(args, (str, bytes)) else shlex.join(os.fsdecode(a) for a in args)
+        pytest.fail(f"{item.nodeid}: a fast test spawned `{str(shown)[:300]}`; mark it @pytest.mark.slow "
+                    "(the fast set spawns only Snakemake dry runs, SLURM queries, the profile installer, the "
+                    "grader's workers and lm-eval's environment report: tests/conftest.py)", pytrace=False)
+    _POPEN_INIT(self, args, *more, **options)
+
+
+def pytest_sessionstart(session):
+    subprocess.Popen.__init__ = _guarded_popen_init
+
+
+def pytest_sessionfinish(session):
+    subprocess.Popen.__init__ = _POPEN_INIT
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING.update(item=item, cpu=time.process_time())
+    yield
+    _RUNNING.update(item=None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if call.when == "call" and report.passed and not item.get_closest_marker("slow"):
+        used = time.process_time() - _RUNNING["cpu"]
+        if used > FAST_TEST_CPU_S:
+            report.outcome = "failed"
+            report.longrepr = (f"a fast test used {used:.0f} s of CPU time, its fixtures' setup included (budget "
+                               f"{FAST_TEST_CPU_S:.0f} s): mark it @pytest.mark.slow (tests/conftest.py)")

@@ -23,6 +23,7 @@ def _env():
                 HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
+@pytest.mark.slow  # runs `python -m trace bench`
 def test_bench_command_prints_table_and_json_with_consistent_rows(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "trace", "bench", *TINY, "--in-process", "--out", str(out)],
@@ -60,6 +61,7 @@ def test_bench_command_prints_table_and_json_with_consistent_rows(tmp_path):
     assert grpo["grad_norm"] > 0 and trace_step["grad_norm"] > 0
 
 
+@pytest.mark.slow  # measures memory in a worker process
 def test_subprocess_worker_sees_the_full_logits_and_the_same_loss(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     add_arguments(parser)

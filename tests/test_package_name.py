@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import trace
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -17,6 +19,7 @@ def test_import_trace_is_this_project():
     assert pathlib.Path(trace.__file__).resolve().parent == REPO_ROOT / "trace"
 
 
+@pytest.mark.slow  # a fresh Python that imports torch and transformers
 def test_job_start_up_skips_scikit_learn_but_generation_still_works():
     """Every torch stage declares scikit-learn absent to transformers (4 s of each job's start-up);
     HF generation must still import and run, and scikit-learn stays importable for lm-eval."""

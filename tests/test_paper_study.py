@@ -159,7 +159,7 @@ def test_paper_smoke_study_runs_end_to_end_on_cpu(tmp_path):
     """The README's smoke command: every rule of the paper path executed with tiny models."""
     started = time.time()
     result = subprocess.run([sys.executable, "-m", "trace", "smoke", "--cores", "2", "--directory", str(tmp_path)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
     elapsed = time.time() - started
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     print(f"paper smoke: {elapsed:.0f} s")

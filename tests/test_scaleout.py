@@ -128,6 +128,7 @@ GPU_CHECK = [sys.executable, str(REPO_ROOT / "scripts" / "gpu_check.py")]
 QWEN3 = REPO_ROOT.parent / "shared" / "models" / "qwen3"
 
 
+@pytest.mark.slow  # runs scripts/gpu_check.py
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_gpu_check_says_it_needs_cuda():
     done = subprocess.run(GPU_CHECK, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -135,6 +136,7 @@ def test_gpu_check_says_it_needs_cuda():
     assert "gpu_check: FAIL: needs CUDA" in done.stdout
 
 
+@pytest.mark.slow  # runs scripts/gpu_check.py
 @pytest.mark.skipif(not (QWEN3 / "tokenizer.json").exists(), reason="needs ../shared/models/qwen3")
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_gpu_check_dry_run_on_cpu(engine, tmp_path):

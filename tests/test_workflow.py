@@ -67,6 +67,7 @@ def test_invalid_config_names_the_offending_key(tmp_path):
     assert "not_a_method" in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # runs Snakemake jobs
 def test_real_data_rules_prepare_the_five_benchmarks_offline(tmp_path):
     import json
 

@@ -170,6 +170,10 @@ def _evaluate_jobs(model_dir: Path, jobs: list[_Job], *, k: int, gen: dict, thin
     task_files = {job.benchmark: write_task_config(job.task_name, job.data_path, task_dir, k=k, gen=gen,
                                                    thinking=thinking) for job in jobs}
 
+    if backend == "hf":
+        from trace.rollout.hf import install_fast_top_p
+
+        install_fast_top_p()  # the same samples without sorting the vocabulary at every token
     model_args = model_arguments(backend, model_dir, thinking=thinking, seed=seed, dtype=dtype,
                                  tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                                  model_options=model_options)

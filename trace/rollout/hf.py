@@ -12,6 +12,45 @@ import torch
 from .batch import RolloutBatch, completion_mask_from_ids
 
 
+def fast_top_p_call(warper, input_ids, scores: torch.Tensor, *, full_sort) -> torch.Tensor:
+    """transformers' ``TopPLogitsWarper.__call__`` (``full_sort``) without sorting the whole vocabulary
+    when top-k has already set all but a few logits to −inf (generate applies top-k first).
+
+    Only the finite logits can survive, and the −inf ones add nothing to the cumulative probability,
+    so the same mask is computed over ``topk(number finite)``. Where that could differ — most logits
+    finite, ties among the finite ones (the full sort orders them arbitrarily), another filter value —
+    the full sort runs. With Qwen3's 151,936-entry vocabulary this was ~0.3 s of CPU per decoding step
+    of a 20-row batch (~15 % of a smoke evaluation job); tests/test_rollout_hf_sampler.py checks equality.
+    """
+    finite = int(torch.isfinite(scores).sum(dim=1).max())
+    if finite * 4 > scores.shape[1] or warper.filter_value != -float("inf"):
+        return full_sort(warper, input_ids, scores)
+    values, index = scores.topk(finite, dim=1)
+    ascending, index = values.flip(1), index.flip(1)
+    if bool(((ascending[:, 1:] == ascending[:, :-1]) & torch.isfinite(ascending[:, 1:])).any()):
+        return full_sort(warper, input_ids, scores)
+    remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - warper.top_p)
+    remove[..., -warper.min_tokens_to_keep:] = False
+    return scores.scatter(1, index, ascending.masked_fill(remove, warper.filter_value))
+
+
+def install_fast_top_p() -> None:
+    """Route transformers' top-p warper through ``fast_top_p_call`` (in this process; idempotent)."""
+    import functools
+
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    if not getattr(TopPLogitsWarper.__call__, "trace_fast", False):
+        full_sort = TopPLogitsWarper.__call__
+
+        @functools.wraps(full_sort)
+        def call(self, input_ids, scores):
+            return fast_top_p_call(self, input_ids, scores, full_sort=full_sort)
+
+        call.trace_fast, call.full_sort = True, full_sort
+        TopPLogitsWarper.__call__ = call
+
+
 class HFRolloutEngine:
     def __init__(self, tokenizer, sampling: Mapping):
         self.tokenizer = tokenizer

@@ -10,6 +10,12 @@ with the prompts tokenised and left-padded by the same tokenizer call, the compl
   also lists ``<|endoftext|>``), the only stop token is the tokenizer's eos, as ``HFRolloutEngine``.
 * ``max_model_len``: a prompt that does not fit fails with one clear error; the completion budget is
   min(max_new_tokens, max_model_len − prompt length).
+* Tokenizer: the engine never loads one (``skip_tokenizer_init``): prompts go in as token ids and
+  completions come back as ids, encoded and decoded by the trainer's tokenizer (loading Qwen3's
+  151,936-entry tokenizer again cost ~5 s of every job's start-up on CPU).
+* CPU sampling: vLLM's CPU sampler applies top-k and top-p by sorting the whole vocabulary for every
+  sequence at every token (~85 % of a CPU smoke's rollout time with Qwen3's vocabulary);
+  ``fast_top_k_top_p`` gives the same result from the top k + 1 logits (see there).
 * Seeds: each prompt's request gets a seed drawn from torch's generator, which the trainer seeds from
   (seed, step): the same step samples the same rollouts again on a resumed run.
 * Log-probs: ``logprobs_mode="processed_logprobs"``, the log-probs vLLM samples from: log_softmax of
@@ -70,6 +76,45 @@ def checkpoint_tensors(policy):
         yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def fast_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
+                     allow_cpu_sync: bool = False, *, full_sort=None) -> torch.Tensor:
+    """vLLM's ``apply_top_k_top_p_pytorch`` (``full_sort``) without sorting the vocabulary when top-k is on.
+
+    vLLM keeps every logit ≥ the k-th largest, then, over those in ascending order, drops each whose
+    cumulative probability is ≤ 1 − p (always keeping the largest). With top-k on, the survivors are
+    among the k + 1 largest logits, so the same masks are computed on ``topk(k + 1)``: O(V) instead of a
+    full O(V log V) sort. Where that could differ — a row without top-k, a tie at the k-th value (vLLM
+    would keep more than k) — the full sort runs. tests/test_rollout_vllm_sampler.py checks equality.
+    """
+    if k is None or not allow_cpu_sync:
+        return full_sort(logits, k, p, allow_cpu_sync)
+    k = k.to(torch.long)
+    if bool((k >= logits.shape[1]).any()):
+        return full_sort(logits, k, p, allow_cpu_sync)
+    values, index = logits.topk(int(k.max()) + 1, dim=1)  # descending
+    if bool((values.gather(1, k.unsqueeze(1)) == values.gather(1, (k - 1).unsqueeze(1))).any()):
+        return full_sort(logits, k, p, allow_cpu_sync)
+    values = values.masked_fill(torch.arange(values.shape[1]).unsqueeze(0) >= k.unsqueeze(1), -float("inf"))
+    if p is not None:
+        ascending = values.flip(1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p.unsqueeze(1)
+        drop[:, -1] = False
+        values = ascending.masked_fill(drop, -float("inf")).flip(1)
+    return logits.fill_(-float("inf")).scatter_(1, index, values)
+
+
+def install_fast_cpu_top_k_top_p() -> None:
+    """Route vLLM's CPU sampler through ``fast_top_k_top_p`` (in this process; idempotent)."""
+    import functools
+
+    from vllm.v1.sample.ops import topk_topp_sampler as sampler
+
+    if not getattr(sampler.apply_top_k_top_p_pytorch, "trace_fast", False):
+        fast = functools.partial(fast_top_k_top_p, full_sort=sampler.apply_top_k_top_p_pytorch)
+        fast.trace_fast = True
+        sampler.apply_top_k_top_p_pytorch = fast
+
+
 class VLLMRolloutEngine:
     def __init__(self, weights: Path | str, tokenizer, sampling: Mapping, settings: Mapping, seed: int,
                  cache_dir: Path):
@@ -86,8 +131,10 @@ class VLLMRolloutEngine:
         # process group, as TRL's colocate mode and verl do; the default executor would put all on device 0
         launcher = ({"distributed_executor_backend": "external_launcher"}
                     if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {})
+        if not self.cuda:
+            install_fast_cpu_top_k_top_p()
         started = time.perf_counter()
-        self.llm = LLM(model=str(weights), tokenizer=tokenizer.name_or_path, dtype=settings["dtype"],
+        self.llm = LLM(model=str(weights), skip_tokenizer_init=True, dtype=settings["dtype"],
                        max_model_len=settings["max_model_len"], enforce_eager=settings["enforce_eager"], seed=seed,
                        logprobs_mode=LOGPROBS_MODE, generation_config="vllm", **gpu, **launcher)
         _LIVE_ENGINES.append(self.llm)  # never shut down mid-run: see _LIVE_ENGINES
