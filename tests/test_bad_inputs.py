@@ -122,6 +122,7 @@ def test_a_broken_local_model_folder_fails_the_plan_in_one_line(tmp_path, damage
     assert not (tmp_path / "results" / "base" / "qwen3-1.7b").exists()
 
 
+@pytest.mark.slow  # a real (non-dry) Snakemake run rebuilds the base
 def test_missing_base_weights_rerun_the_base_and_keep_what_was_finished_on_it(finished):
     folder = local_models(finished, lambda f: None)
     # the base was materialised from that folder (links), then its weights went missing

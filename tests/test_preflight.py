@@ -34,6 +34,7 @@ def nothing_submitted(workdir) -> bool:
     return not (workdir / ".snakemake" / "slurm_logs").exists() and not (workdir / "logs").exists()
 
 
+@pytest.mark.slow  # spawns `python -m trace preflight` (planning + SLURM queries)
 def test_a_missing_model_is_a_blocker_before_anything_is_submitted(home, tmp_path):  # noqa: F811
     workdir = paper_workdir(tmp_path)
     shutil.rmtree(workdir / "results" / "base" / "qwen3-8b")  # not downloaded, hub offline
@@ -48,6 +49,7 @@ def test_a_missing_model_is_a_blocker_before_anything_is_submitted(home, tmp_pat
     assert nothing_submitted(workdir)
 
 
+@pytest.mark.slow  # spawns `python -m trace preflight`
 @pytest.mark.parametrize("args, blocker", [
     (["--configfile", PAPER, "main_table"], "--configfile main_table: main_table is a rule of this workflow, not a "
      "config file: put targets BEFORE --configfile (every word after it is read as a config file)"),
