@@ -156,9 +156,22 @@ def test_shipped_caches_redraw_to_their_committed_tables(tmp_path):
             assert (out / "figures" / name).stat().st_size > 0, f"{shipped}/figures/{name} is not redrawn"
 
 
-def test_the_readme_shows_the_shipped_main_table():
-    """README's default-study table is the shipped cache's, not a hand-copied older one."""
-    table = [line for line in (REPO_ROOT / "results" / "shipped" / "toy" / "tables" / "main_results.md")
-             .read_text().splitlines() if line.startswith("|")]
+@pytest.mark.parametrize("cache, table", [("toy", "main_results"), ("toy", "teacher_gap"),
+                                          ("toy-seeds3-small", "main_results")])
+def test_the_readme_shows_the_shipped_tables(cache, table):
+    """README's default-study tables are the shipped caches', not hand-copied older ones."""
+    rows = [line for line in (REPO_ROOT / "results" / "shipped" / cache / "tables" / f"{table}.md")
+            .read_text().splitlines() if line.startswith("|")]
     readme = (REPO_ROOT / "README.md").read_text().splitlines()
-    assert table and all(line in readme for line in table), "re-copy results/shipped/toy/tables/main_results.md"
+    assert rows and all(line in readme for line in rows), f"re-copy results/shipped/{cache}/tables/{table}.md"
+
+
+def test_the_shipped_teacher_check_passes_on_both_toy_bases():
+    """Issue 19's bar: label and reference teachers better than the student at first-error tokens, CI > 0."""
+    import pandas as pd
+
+    gaps = pd.read_csv(REPO_ROOT / "results" / "shipped" / "toy" / "aggregate" / "teacher_gap.csv")
+    assert set(zip(gaps["model"], gaps["context"])) == {(m, c) for m in ("toy-large", "toy-small")
+                                                          for c in ("label", "reference")}
+    assert (gaps["verdict"] == "better").all() and (gaps["first_error_correct_ci_low"] > 0).all()
+    assert (gaps["accuracy_teacher_prompt_mean"] > gaps["accuracy_plain_mean"]).all()
