@@ -51,7 +51,11 @@ def test_the_kl_term_moves_the_weights_in_the_kl_window_and_not_after(tiny_base,
     # ... and the KL term itself is part of the difference: with the divergence zeroed (a dead KL
     # channel: ρ-scaled GRPO on the spans only), the update changes
     real_divergence = losses.chunked_divergence
-    monkeypatch.setattr(losses, "chunked_divergence", lambda *a, **k: real_divergence(*a, **k) * 0.0)
+    def dead_divergence(*args, **kwargs):
+        values, scale = real_divergence(*args, **kwargs)  # the trainer asks for the clip scale too
+        return values * 0.0, scale
+
+    monkeypatch.setattr(losses, "chunked_divergence", dead_divergence)
     dead, dead_row = one_step_update(mc_config("trace_fkl"), tiny_base, toy_data, tmp_path / "dead")
     assert dead_row["kl/kl_key_branch"] == 0.0
     kl_part = (window - dead).norm() / window.norm()

@@ -192,3 +192,12 @@ def test_paper_smoke_study_runs_end_to_end_on_cpu(tmp_path):
         assert result_json["n_problems"] == smoke["eval"]["limit"]
     table = (results / "tables" / "main_results.md").read_text()
     assert "qwen3-8b-smoke" in table and "GPQA-D" in table
+    # the teacher check ran on every student stand-in and context through the same rule, and is reported
+    # (random stand-ins: any verdict, typically 'uninformative'; on_worse: warn keeps the smoke going)
+    gaps = {(path.parent.name, path.stem): json.loads(path.read_text())
+            for path in (results / "teacher_gap").glob("*/*.json")}
+    assert set(gaps) == {(model, context) for model in ("qwen3-8b-smoke", "qwen3-1.7b-smoke")
+                         for context in ("label", "reference")}
+    assert all(gap["verdict"] in ("better", "worse", "uninformative") and gap["n_rollouts"] > 0
+               for gap in gaps.values())
+    assert "qwen3-1.7b-smoke" in (results / "tables" / "teacher_gap.md").read_text()
