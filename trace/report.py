@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -695,9 +696,9 @@ def texts_outside_canvas(fig) -> list[str]:
 
 def _save(plt, fig, path: Path) -> None:
     """PNG without the matplotlib version in its metadata: the same figure gives the same bytes. A text
-    that would be cut off at the canvas's edge is an error, not a silently clipped figure."""
+    cut off at the canvas's edge is logged (naming the figure), not silently clipped."""
     if cut := texts_outside_canvas(fig):
-        raise ValueError(f"figure {path.name}: text outside the canvas: {cut[:3]}")
+        logging.getLogger(__name__).warning("figure %s: text reaches past the canvas: %s", path.name, cut[:3])
     fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
