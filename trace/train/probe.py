@@ -59,14 +59,15 @@ def _masked_mean(dist_, values: torch.Tensor, where: torch.Tensor) -> float | No
     return total / count if count else None
 
 
-def _micro_batches(n: int, size: int) -> list[slice]:
+def row_slices(n: int, size: int) -> list[slice]:
+    """Micro-batches of ``n`` rows as slices (they index tensors and lists of prompts alike)."""
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def _batched_logprobs(model, tokenizer, prompts, rollouts, temperature, chunk, micro) -> torch.Tensor:
     """token_logprobs over micro-batches; ``prompts`` None = the student's own prompts."""
     out = []
-    for rows in _micro_batches(len(rollouts.texts), micro):
+    for rows in row_slices(len(rollouts.texts), micro):
         if prompts is None:
             prompt_ids, prompt_mask = rollouts.prompt_ids[rows], rollouts.prompt_mask[rows]
         else:
@@ -174,7 +175,7 @@ def fixed_batch_scores(trainer, batch: FixedProbeBatch) -> tuple[torch.Tensor, t
     temperature, chunk, micro = cfg["sampling"]["temperature"], cfg["logprob_chunk"], cfg["micro_batch_size"]
     W = trainer.policy.get_output_embeddings().weight
     sampled, correct, wrong = [], torch.zeros(len(batch.error_rows)), torch.zeros(len(batch.error_rows))
-    for rows in _micro_batches(batch.completion_ids.shape[0], micro):
+    for rows in row_slices(batch.completion_ids.shape[0], micro):
         mask = batch.completion_mask[rows].bool()
         hidden = completion_hidden_states(
             trainer.policy, torch.cat([batch.prompt_ids[rows], batch.completion_ids[rows]], 1),

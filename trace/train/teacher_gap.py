@@ -52,6 +52,7 @@ from trace.prompting import render_prompt
 from trace.router import build_routed_masks
 from trace.train.distributed import rollout_options
 from trace.train.logprobs import completion_hidden_states
+from trace.train.probe import row_slices
 from trace.train.teacher import teacher_prompt
 from trace.verify import grade_many
 
@@ -104,10 +105,6 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}], n={stat['n']}"
 
 
-def _micro_batches(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
 def _prompt_batch(tokenizer, texts: list[str], device):
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -122,7 +119,7 @@ def score_tokens(model, tokenizer, student_prompts, teacher_prompts, completion_
     B, T = completion_ids.shape
     out = {name: torch.zeros(B, T) for name in ("p", "q", "p_extra", "q_extra", "kl", "kl_clipped", "clip_binds")}
     W = model.get_output_embeddings().weight
-    for rows in _micro_batches(B, micro):
+    for rows in row_slices(B, micro):
         ids, mask = completion_ids[rows], completion_mask[rows]
         where = mask.bool()
         hidden = {}
@@ -132,7 +129,7 @@ def score_tokens(model, tokenizer, student_prompts, teacher_prompts, completion_
                                                     p_ids.shape[1])[where]
         targets, extra = ids[where], extra_ids[rows][where]
         values = {name: [] for name in out}
-        for part in _micro_batches(targets.shape[0], chunk):
+        for part in row_slices(targets.shape[0], chunk):
             logp = (hidden["p"][part] @ W.T).float().div(temperature).log_softmax(-1).clamp(min=LOGP_FLOOR)
             logq = (hidden["q"][part] @ W.T).float().div(temperature).log_softmax(-1).clamp(min=LOGP_FLOOR)
             terms = DIVERGENCES["fkl"](logp, logq)
@@ -221,7 +218,7 @@ def measure(trainer, context: str, n_prompts: int, seed: int) -> tuple[dict, dic
         extra[row, position] = token
     student_prompts = [render_prompt(tokenizer, r, cfg["thinking"]) for r in records]
     teacher_prompts = [teacher_prompt(tokenizer, r, context, p, cfg["thinking"]) for r, p in zip(records, prefixes)]
-    scores = score_tokens(trainer.policy, tokenizer, _Indexable(student_prompts), _Indexable(teacher_prompts),
+    scores = score_tokens(trainer.policy, tokenizer, student_prompts, teacher_prompts,
                           rollouts.completion_ids, rollouts.completion_mask, extra.to(rollouts.completion_ids.device),
                           temperature, chunk, micro, cfg["kl"]["entry_clip"])
     delta = scores["q"] - scores["p"]
@@ -262,14 +259,6 @@ def measure(trainer, context: str, n_prompts: int, seed: int) -> tuple[dict, dic
                    "first_errors": [(r, t, c, int(rollouts.completion_ids[r, t])) for r, t, c in first_errors if c >= 0],
                    "key_supported": (key_tokens & (delta > 0)), "spans": spans}
     return stats, probe_batch
-
-
-class _Indexable(list):
-    """A list that slices like a tensor's rows (micro-batches index prompts and tensors alike)."""
-
-    def __getitem__(self, index):
-        result = super().__getitem__(index)
-        return _Indexable(result) if isinstance(index, slice) else result
 
 
 @torch.no_grad()
