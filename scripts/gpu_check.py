@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the package `trace` shadows a stdlib module: the repo comes first
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from trace.settings import default_train_section  # noqa: E402
 from trace.train.distributed import Distributed, launched_by_torchrun  # noqa: E402
 
 PHASES = ("rollout", "teacher_fwd", "loss_fwd_bwd", "optimizer")
@@ -129,7 +129,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def run_method(method: str, args, model_dir: Path, data: Path, out: Path, dist_: Distributed) -> dict:
     from trace.train.trainer import Trainer
 
-    cfg = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text())["train"])
+    cfg = copy.deepcopy(default_train_section())
     cfg.update(method=method, seed=0, thinking=False, steps=args.steps, batch_prompts=args.prompts,
                group_size=args.group, save_every=args.steps, device=args.device,
                dtype="bfloat16" if args.device == "cuda" else "float32", activation_checkpointing=True,
@@ -145,7 +145,7 @@ def run_method(method: str, args, model_dir: Path, data: Path, out: Path, dist_:
     trainer.engine.generate = clock.wrap(trainer.engine.generate, "rollout")
     if trainer.teacher is not None:
         trainer.teacher.hidden_states = clock.wrap(trainer.teacher.hidden_states, "teacher_fwd")
-    trainer._micro_batch_loss = clock.wrap(trainer._micro_batch_loss, "loss_fwd_bwd")
+    trainer.micro_batch_loss = clock.wrap(trainer.micro_batch_loss, "loss_fwd_bwd")
     trainer.optimizer.step = clock.wrap(trainer.optimizer.step, "optimizer")
     trainer.fit()
     clock.seconds["loss_fwd_bwd"] -= clock.seconds["teacher_fwd"]  # teacher forwards run inside the loss phase

@@ -27,7 +27,8 @@ def toy_data(tmp_path_factory) -> Path:
     from trace.toy.world import write_toy_data
 
     out = tmp_path_factory.mktemp("toy_data")
-    write_toy_data({"seed": 0, "n_train": 200, "n_sft_choice": 20, "sft_slip_rate": 0.0, "n_val": 8, "n_test": 8}, out)
+    write_toy_data({"seed": 0, "n_train": 200, "n_sft_choice": 20, "sft_slip_rate": 0.0, "n_val": 8, "n_test": 8,
+                    "tokenizer_vocab": 400}, out)
     return out
 
 

@@ -3,8 +3,8 @@ import threading
 
 import pytest
 
-from trace.annotate import (AnnotationRequest, CallableAnnotator, Completion, ParseStatus, ReplyCache,
-                            build_annotator, label_to_teacher_prefix)
+from trace.annotate import (AnnotationRequest, CallableAnnotator, Completion, HttpAnnotator, ParseStatus, ReplyCache,
+                            label_to_teacher_prefix)
 from trace.annotate.cache import CachedReply
 
 RESPONSE = "Let n be even.\nCase 1: n = 0 gives 0.\nCase 2: n > 0 gives 2n.\nSo the answer is 7.\nDone."
@@ -146,19 +146,21 @@ def test_malformed_requests_are_caller_bugs():
     assert annotator.stats.requested == 0
 
 
-def test_build_annotator_from_config(tmp_path, monkeypatch):
-    generate = ScriptedGenerate('{"key_spans": [[1, 1]], "label": "key_insight"}', "{}")
-    annotator = build_annotator({"backend": "generate", "alpha": 0.5}, generate=generate)
-    assert isinstance(annotator, CallableAnnotator) and annotator.alpha == 0.5
+def test_api_tier_from_run_settings(tmp_path, monkeypatch):
+    """The api tier (train.annotator.tier api) is an HTTP annotator with the run's α cap and reply cache;
+    a key in the config itself is refused."""
+    from trace.annotate.setup import annotator_for
+    from trace.settings import default_run
+
     monkeypatch.setenv("TEST_ANNOTATOR_KEY", "sk-test")
-    http = build_annotator({"backend": "http", "cache_dir": str(tmp_path),
-                            "http": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
-                                     "api_key_env": "TEST_ANNOTATOR_KEY"}})
-    assert http.cache is not None and "sk-test" not in repr(http)
-    for bad in ({"backend": "nope"}, {"backend": "generate", "typo": 1},
-                {"backend": "http", "http": {"base_url": "x", "model": "m", "api_key": "sk-test"}}):
-        with pytest.raises(ValueError):
-            build_annotator(bad, generate=generate if bad["backend"] == "generate" else None)
+    http = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "TEST_ANNOTATOR_KEY"}
+    run = default_run("trace_fkl", kl={"alpha": 0.5}, annotator={"tier": "api", "cache_dir": str(tmp_path), "http": http})
+    annotator = annotator_for(run, tmp_path / "unused-base")
+    assert isinstance(annotator, HttpAnnotator) and annotator.alpha == 0.5
+    assert annotator.cache is not None and "sk-test" not in repr(annotator)
+    with pytest.raises(ValueError, match="never put an API key in a config file"):
+        annotator_for(default_run("trace_fkl", annotator={"tier": "api", "http": {**http, "api_key": "sk-test"}}),
+                      tmp_path / "unused-base")
 
 
 def test_reply_cache_is_safe_for_concurrent_writers(tmp_path):

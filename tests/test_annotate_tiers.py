@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
-import yaml
 
 from conftest import REPO_ROOT
+from trace.settings import default_train_section
 from trace.annotate import (ERROR_LABELS, KEY_LABELS, AnnotationRequest, CallableAnnotator, ParseStatus,
                             completion_text_and_offsets, parse_annotation, segment_response)
 from trace.annotate.contract import coverage_budget
@@ -20,7 +20,7 @@ from trace.annotate.toy_oracle import ToyOracleAnnotator
 from trace.toy.task import Step, reference_steps
 from trace.train.trainer import Trainer
 
-BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
+BASE_TRAIN = default_train_section()  # the one shared base (trace/settings.py)
 ALPHA = BASE_TRAIN["kl"]["alpha"]
 
 

@@ -5,17 +5,18 @@ import copy
 
 import pytest
 import torch
-import yaml
 
 from conftest import REPO_ROOT
+from trace.settings import default_train_section
 from trace import losses
 from trace.annotate.setup import annotator_for
 from trace.prompting import render_prompt
-from trace.train.logprobs import completion_hidden_states, gather_logprobs
-from trace.train.teacher import Teacher, teacher_prompt
+from trace.logprobs import completion_hidden_states, gather_logprobs
+from trace.prompting import teacher_prompt
+from trace.train.teacher import Teacher
 from trace.train.trainer import Trainer
 
-BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
+BASE_TRAIN = default_train_section()  # the one shared base (trace/settings.py)
 QWEN3 = REPO_ROOT.parent / "shared" / "models" / "qwen3"
 
 

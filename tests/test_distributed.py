@@ -19,12 +19,12 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
+from trace.settings import default_train_section  # noqa: E402
 
-BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
+BASE_TRAIN = default_train_section()  # the one shared base (trace/settings.py)
 TIMING = ("rollout_s", "step_s", "val_s", "annotator/wall_s", "annotator/latency_s_sum", "annotator/latency_s_max",
           "annotator/latency_s_mean")
 METRIC_RTOL, WEIGHT_ATOL, PROBE_RTOL = 1e-5, 1e-5, 1e-3

@@ -100,6 +100,7 @@ def test_offline_dry_run_fails_fast_naming_the_missing_model(tmp_path):
 
 def test_a_local_folder_replaces_the_hub_and_is_hash_checked(tmp_path):
     from trace.base_model import ModelUnavailableError, materialise
+    from trace.settings import PretrainedModel
 
     shared = REPO_ROOT.parent / "shared" / "models" / "qwen3"
     if not shared.exists():
@@ -111,7 +112,8 @@ def test_a_local_folder_replaces_the_hub_and_is_hash_checked(tmp_path):
         (folder / name).symlink_to(shared / name)
     (folder / "config.json").symlink_to(shared / "config.Qwen3-1.7B.json")
     (folder / "model.safetensors").write_bytes(b"")  # the weights (their content is not read here)
-    out = materialise("qwen3-1.7b", {**entry, "path": str(folder)}, tmp_path / "results" / "base" / "qwen3-1.7b")
+    out = materialise("qwen3-1.7b", PretrainedModel.from_mapping({**entry, "path": str(folder)}),
+                      tmp_path / "results" / "base" / "qwen3-1.7b")
     record = json.loads((out / "base_model.json").read_text())
     assert record["origin"] == f"local:{folder}" and set(record["sha256_checked"]) == set(entry["sha256"])
     wrong = tmp_path / "Qwen3-8B-as-1.7B"
@@ -119,7 +121,8 @@ def test_a_local_folder_replaces_the_hub_and_is_hash_checked(tmp_path):
     (wrong / "config.json").symlink_to(shared / "config.Qwen3-8B.json")
     (wrong / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelUnavailableError, match=r"config.json has sha256 f7c4eadfbbf5…, expected 1ddb5b89ebc9…"):
-        materialise("qwen3-1.7b", {**entry, "path": str(wrong)}, tmp_path / "results" / "base" / "x")
+        materialise("qwen3-1.7b", PretrainedModel.from_mapping({**entry, "path": str(wrong)}),
+                    tmp_path / "results" / "base" / "x")
     assert not (tmp_path / "results" / "base" / "x").exists()  # nothing half-made is left behind
 
 

@@ -8,9 +8,9 @@ import torch
 
 from test_train import read_metrics, run_config
 from trace.router import build_routed_masks
-from trace.train.logprobs import completion_hidden_states, gather_logprobs
+from trace.logprobs import completion_hidden_states, gather_logprobs
 from trace.rollout import HFRolloutEngine
-from trace.train.teacher import teacher_prompt
+from trace.prompting import teacher_prompt
 from trace.train.trainer import Trainer
 from trace import losses
 
@@ -57,7 +57,7 @@ def test_probe_numbers_equal_a_recomputation_from_the_policy_before_and_after(me
     records = [r for r in trainer.sample_prompts(0) for _ in range(4)]
     correct = torch.tensor(_grades(rollouts, records))
     key, error, prefixes, _ = trainer.annotate(records, rollouts, correct)
-    capped = build_routed_masks("annotated", mask, correct, key, error, trainer.cfg["kl"]["alpha"])
+    capped = build_routed_masks("annotated", mask, correct, key, error, trainer.settings.kl.alpha)
     spans = (capped.key | capped.error) & mask
     assert spans.any() and (mask & ~spans).any()
     inside, outside = change.abs()[spans].mean(), change.abs()[mask & ~spans].mean()

@@ -19,23 +19,24 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from conftest import REPO_ROOT
+from trace.settings import default_train_section  # noqa: E402
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup_venv.sh with TRACE_VLLM=none)")
 
 from trace.methods import METHODS  # noqa: E402
 from trace.prompting import render_prompt  # noqa: E402
-from trace.rollout import HFRolloutEngine, build_engine, completion_mask_from_ids, rollout_settings  # noqa: E402
-from trace.train.logprobs import completion_hidden_states, gather_logprobs  # noqa: E402
+from trace.rollout import HFRolloutEngine, build_engine, completion_mask_from_ids  # noqa: E402
+from trace.settings import SettingsError, TrainRun  # noqa: E402
+from trace.logprobs import completion_hidden_states, gather_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 LOGPROB_TOL = 1e-4
 # top-k / top-p off: vLLM's processed log-probs are then exactly the trainer's log_softmax(logits / T),
 # and CPU sampling skips the full-vocabulary sort (../shared/notes/vllm-cpu.md)
 SAMPLING = {"temperature": 0.6, "top_p": 1.0, "top_k": 0, "max_new_tokens": 24}
-BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
+BASE_TRAIN = default_train_section()  # the one shared base (trace/settings.py)
 RECORDS = [{"problem": "What is 17 + 25?", "answer": "42"}, {"problem": "Compute 6 * 7 - 3.", "answer": "39"}]
 
 
@@ -75,7 +76,7 @@ def prompts(tokenizer):
 
 
 def trainer_logprobs(model, rollouts, temperature):
-    """What the trainer computes for these tokens (trace/train/trainer.py _micro_batch_loss)."""
+    """What the trainer computes for these tokens (trace/train/trainer.py micro_batch_loss)."""
     mask = rollouts.completion_mask.bool()
     with torch.no_grad():
         hidden = completion_hidden_states(model, rollouts.input_ids, rollouts.attention_mask,
@@ -162,10 +163,10 @@ def test_a_prompt_longer_than_max_model_len_fails_naming_the_key(engine, policy,
 
 
 def test_unknown_rollout_settings_fail_naming_the_key():
-    with pytest.raises(ValueError, match=r"train\.rollout; known"):
-        rollout_settings({"rollout": {"engnie": "vllm"}})
-    with pytest.raises(ValueError, match=r"train\.rollout\.engine"):
-        rollout_settings({"rollout": {"engine": "sglang"}})
+    with pytest.raises(SettingsError, match=r"train\.rollout: unknown key\(s\) \['engnie'\]; known"):
+        TrainRun.from_mapping({**BASE_TRAIN, "rollout": {"engnie": "vllm"}})
+    with pytest.raises(SettingsError, match=r"train\.rollout\.engine: 'sglang' is not one of"):
+        TrainRun.from_mapping({**BASE_TRAIN, "rollout": {"engine": "sglang"}})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from conftest import REPO_ROOT
+from trace.settings import default_train_section  # noqa: E402
 from trace.launch import train_launcher, train_resources, world_size
 from trace.train.distributed import Distributed, rollout_seed, token_budget_plan
 from trace.rollout import HFRolloutEngine, RolloutBatch
 from trace.rollout.hf import PerRowSampler
 
-BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
+BASE_TRAIN = default_train_section()  # the one shared base (trace/settings.py)
 
 
 # ---------------------------------------------------------------------- per-rollout sampling

@@ -187,10 +187,9 @@ def test_a_title_past_the_canvas_is_caught():
 def test_a_base_without_privileged_sft_fails_the_check_and_distillation_refuses(tiny_base, toy_data, tmp_path):
     """The conftest base never saw a system turn (no privileged SFT): its label teacher reads unseen text,
     the check must say 'worse' and a TRACE run must refuse to start, writing nothing."""
-    import yaml
+    from trace.settings import default_train_section
 
-    train = {k: v for k, v in yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"].items()
-             if k != "parallel"}
+    train = default_train_section()
     train.update(seed=0, thinking=False, batch_prompts=4, steps=2, validation={}, probe={"steps": []})
     cfg = {"train": train, "teacher_check": {"n_prompts": 24, "seed": 0, "on_worse": "refuse", "engine": None},
            "context": "label", "model": "tiny"}

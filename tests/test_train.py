@@ -6,14 +6,14 @@ import os
 
 import pytest
 import torch
-import yaml
 
 from conftest import REPO_ROOT
+from trace.settings import default_train_section  # noqa: E402
 from trace.annotate.setup import annotator_for
 from trace.methods import METHODS
 from trace.train.trainer import Trainer
 
-BASE_TRAIN = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
+BASE_TRAIN = default_train_section()  # the one shared base (trace/settings.py)
 
 
 def run_config(method="grpo", **overrides):
@@ -154,7 +154,7 @@ def test_a_grpo_step_raises_rewarded_rollouts_and_lowers_the_others(tiny_base, t
     """Direction of the policy gradient: after one step, positive-advantage rollouts gain log-prob."""
     from trace import losses
     from trace.prompting import render_prompt
-    from trace.train.logprobs import completion_hidden_states, gather_logprobs
+    from trace.logprobs import completion_hidden_states, gather_logprobs
     from trace.verify import grade_many
 
     trainer = _mc_trainer(tiny_base, toy_data, tmp_path / "run", "grpo", lr=3e-4, micro_batch_size=16)
@@ -177,7 +177,7 @@ def test_a_grpo_step_raises_rewarded_rollouts_and_lowers_the_others(tiny_base, t
     before = sequence_logp()
     _, agg = trainer.aggregation(mask)
     trainer.optimizer.zero_grad()
-    trainer._micro_batch_loss(list(range(len(golds))), rollouts, advantages, correct, None, None, 0.0, 0, agg, None)
+    trainer.micro_batch_loss(list(range(len(golds))), rollouts, advantages, correct, None, None, 0.0, 0, agg, None)
     trainer.optimizer.step()
     change = sequence_logp() - before
     assert change[advantages > 0].mean() > 0 > change[advantages < 0].mean()

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT
 from test_train import read_metrics, run_config
 from trace.rollout import HFRolloutEngine
-from trace.train.trainer import Trainer, validation_setup
+from trace.settings import SettingsError, TrainRun, default_run
+from trace.train.trainer import Trainer
+from trace.train.validation import validation_records
 from trace.verify import grade
 
 
@@ -61,7 +63,7 @@ def test_val_mean_at_k_equals_a_recomputation_from_the_sampled_completions(tiny_
     row = trainer.validate(step=3)
     # batches of train.batch_prompts (2) prompts, k = 3 samples each, the training sampling settings
     assert [(p, n) for p, n, _, _ in sampled] == [(2, 3)] * 3
-    assert all(s == trainer.cfg["sampling"] for _, _, s, _ in sampled)
+    assert all(s == trainer.settings.sampling.as_dict() for _, _, s, _ in sampled)
     texts = [t for *_, batch in sampled for t in batch]
     records = [json.loads(line) for line in (toy_data / "choice_ood.jsonl").read_text().splitlines()][:6]
     grades = np.array([grade(texts[3 * i + j], r["answer"], r["kind"]) for i, r in enumerate(records)
@@ -79,7 +81,7 @@ def test_validation_sampling_overrides_reach_the_engine(tiny_base, toy_data, tmp
     monkeypatch.setattr(HFRolloutEngine, "generate",
                         lambda self, *a, **kw: seen.append(dict(self.sampling)) or original(self, *a, **kw))
     trainer.validate(step=0)
-    assert seen and all(s == {**trainer.cfg["sampling"], "max_new_tokens": 5} for s in seen)
+    assert seen and all(s == {**trainer.settings.sampling.as_dict(), "max_new_tokens": 5} for s in seen)
     assert trainer.engine.sampling["max_new_tokens"] == 96  # training's engine is untouched
 
 
@@ -105,15 +107,21 @@ def test_select_best_makes_the_best_validated_policy_the_runs_model(tiny_base, t
 
 
 def test_validation_settings_fail_with_one_clear_line(toy_data):
+    def run(**validation) -> TrainRun:  # train.validation exactly as given, the rest of it from the schema
+        return TrainRun.from_mapping({**default_run().to_dict(), "validation": validation})
+
     with pytest.raises(ValueError, match="select is 'best' but validation is off"):
-        validation_setup({"every": 10, "select": "best"}, None)
-    with pytest.raises(ValueError, match=r"train.validation: unknown keys \['n'\]"):
-        validation_setup({"n": 3}, toy_data / "val.jsonl")
+        validation_records(run(every=10, select="best"), None)
+    with pytest.raises(SettingsError, match=r"train.validation: unknown key\(s\) \['n'\]"):
+        run(n=3)
+    with pytest.raises(SettingsError, match=r"train.validation.select: 'first' is not one of \['last', 'best'\]"):
+        run(select="first")
     with pytest.raises(FileNotFoundError, match="validation data .*missing.jsonl does not exist"):
-        validation_setup({"every": 2}, toy_data / "missing.jsonl")
-    settings, records = validation_setup({"every": 2, "n_problems": 5}, toy_data / "val.jsonl")
-    assert len(records) == 5 and settings["k"] == 4 and settings["select"] == "last"
-    assert validation_setup({"every": 2}, None)[1] == []  # no file: validation off, training goes on
+        validation_records(run(every=2), toy_data / "missing.jsonl")
+    settings = run(every=2, n_problems=5)
+    assert len(validation_records(settings, toy_data / "val.jsonl")) == 5
+    assert settings.validation.k == 4 and settings.validation.select == "last"  # the schema's defaults
+    assert validation_records(run(every=2), None) == []  # no file: validation off, training goes on
 
 
 def test_cli_train_takes_the_validation_file(tiny_base, toy_data, tmp_path):

@@ -107,23 +107,24 @@ def model_folder_problem(folder: Path, label: str) -> str | None:
     return None
 
 
-def availability_problem(name: str, entry: Mapping, out_dir: Path, section: str = "models") -> str | None:
-    """None if ``entry`` can be materialised here (or already was); else one line saying what to do.
+def availability_problem(name: str, entry, out_dir: Path, section: str = "models") -> str | None:
+    """None if ``entry`` (a ``trace.settings.PretrainedModel``) can be materialised here (or already was);
+    else one line saying what to do.
     A local ``path`` folder is checked whole (config, weights, the listed sha256) before any job."""
-    if entry.get("init") or model_folder_problem(out_dir, "") is None:
+    if entry.init or model_folder_problem(out_dir, "") is None:
         return None
-    if entry.get("path"):
-        folder = Path(entry["path"]).expanduser()
+    if entry.path:
+        folder = Path(entry.path).expanduser()
         problem = model_folder_problem(folder, f"model {name}: {section}.{name}.path =")
         if problem is None:
             try:
-                check_hashes(folder, entry.get("sha256"), name)
+                check_hashes(folder, entry.sha256, name)
             except ModelUnavailableError as error:
                 problem = str(error)
         if problem and not (folder / "config.json").is_file():
-            problem += f"; point it at a folder holding the Hugging Face checkpoint of {entry.get('repo', name)}"
+            problem += f"; point it at a folder holding the Hugging Face checkpoint of {entry.repo or name}"
         return problem
-    repo, revision = entry["repo"], entry["revision"]
+    repo, revision = entry.repo, entry.revision
     if _in_hub_cache(repo, revision) or hub_reachable():
         return None
     return (f"model {name} ({repo} @ {revision[:12]}) is not available: the Hugging Face hub is unreachable "
@@ -141,7 +142,7 @@ def repair_problem(name: str, out_dir: Path) -> str | None:
     return model_folder_problem(out_dir, f"model {name}:")
 
 
-def materialise(name: str, entry: Mapping, out_dir: Path, train_data: Path | None = None,
+def materialise(name: str, entry, out_dir: Path, train_data: Path | None = None,
                 thinking: bool = True, section: str = "models") -> Path:
     """Make ``out_dir`` a loadable model folder for ``entry``; write ``out_dir/base_model.json``."""
     out_dir = Path(out_dir)
@@ -151,23 +152,23 @@ def materialise(name: str, entry: Mapping, out_dir: Path, train_data: Path | Non
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if entry.get("path"):
-        source = Path(entry["path"]).expanduser().resolve()
+    if entry.path:
+        source = Path(entry.path).expanduser().resolve()
         for item in source.iterdir():
             (tmp / item.name).symlink_to(item)
         origin = f"local:{source}"
-    elif entry.get("init"):
+    elif entry.init:
         if train_data is None:
             raise ValueError(f"model {name}: an init model is SFT'd on the training set; pass --train-data")
-        _random_init_and_sft(entry["init"], tmp, Path(train_data), thinking)
-        origin = f"init:{entry['init']['config']}+sft"
+        _random_init_and_sft(entry.init, tmp, Path(train_data), thinking)
+        origin = f"init:{entry.init.config}+sft"
     else:
         from huggingface_hub import snapshot_download
 
-        log.info("downloading %s @ %s into %s", entry["repo"], entry["revision"], tmp)
-        snapshot_download(entry["repo"], revision=entry["revision"], local_dir=tmp)
-        origin = f"hub:{entry['repo']}@{entry['revision']}"
-    checked = check_hashes(tmp, entry.get("sha256"), name)
+        log.info("downloading %s @ %s into %s", entry.repo, entry.revision, tmp)
+        snapshot_download(entry.repo, revision=entry.revision, local_dir=tmp)
+        origin = f"hub:{entry.repo}@{entry.revision}"
+    checked = check_hashes(tmp, entry.sha256, name)
     problem = model_folder_problem(tmp, f"model {name} ({origin}):")
     if problem:
         raise ModelUnavailableError(problem)
@@ -191,18 +192,18 @@ def smoke_sft_target(record: dict) -> str:
     return f"<think>\n{thought}\n</think>\n\nThe final answer is $\\boxed{{{record['answer']}}}$."
 
 
-def _random_init_and_sft(init: Mapping, out_dir: Path, train_data: Path, thinking: bool) -> None:
+def _random_init_and_sft(init, out_dir: Path, train_data: Path, thinking: bool) -> None:
     from transformers import AutoTokenizer
 
     from trace.tiny_qwen3 import copy_tokenizer, random_qwen3
     from trace.toy.sft import run_sft
 
-    copy_tokenizer(init["tokenizer"], out_dir)
+    copy_tokenizer(init.tokenizer, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    model, _ = random_qwen3(init["config"], dict(init.get("size") or {}), init["seed"])
+    model, _ = random_qwen3(init.config, dict(init.size or {}), init.seed)
     records = [json.loads(line) for line in train_data.read_text().splitlines() if line.strip()]
     records = [{**r, "solution": smoke_sft_target(r)} for r in records]
-    sft = init["sft"]
-    run_sft(model, tokenizer, records, out_dir, steps=sft["steps"], batch_size=min(sft["batch_size"], len(records)),
-            lr=sft["lr"], warmup=sft["warmup"], weight_decay=sft["weight_decay"], thinking=thinking,
-            seed=init["seed"])
+    sft = init.sft
+    run_sft(model, tokenizer, records, out_dir, steps=sft.steps, batch_size=min(sft.batch_size, len(records)),
+            lr=sft.lr, warmup=sft.warmup, weight_decay=sft.weight_decay, thinking=thinking,
+            seed=init.seed)

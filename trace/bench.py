@@ -7,7 +7,7 @@ Two comparisons, each variant on the same seeded inputs, forward + backward:
                          then trace.losses.routed_divergence at every completion position
       chunked all-token  trace.losses.chunked_divergence at every completion position (as the trainer)
       routed α           trace.losses.chunked_divergence at floor(α·|y|) positions per rollout only
-(b) the loss phase of one optimizer step, i.e. ``Trainer._micro_batch_loss`` of the real trainer on a
+(b) the loss phase of one optimizer step, i.e. ``Trainer.micro_batch_loss`` of the real trainer on a
     Qwen3-architecture model with a V-token vocabulary:
       GRPO               student forward, clipped surrogate on all tokens, backward
       TRACE-FKL α        + teacher forward under the label prompt (no grad), FKL on the routed key tokens
@@ -43,6 +43,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from trace.runtime import threads_from_env
+from trace.settings import TrainRun, replace
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ def settings_from_args(args) -> dict:
     return {
         "vocab": args.vocab, "length": args.length, "batch": args.batch, "alpha": args.alpha,
         "hidden": args.hidden, "layers": args.layers, "heads": max(1, args.hidden // 64),
-        "chunk": args.chunk or train_cfg["logprob_chunk"], "device": args.device, "dtype": args.dtype,
+        "chunk": args.chunk or bench_settings({"train_cfg": train_cfg}, "grpo").logprob_chunk, "device": args.device, "dtype": args.dtype,
         "seed": args.seed, "warmup": args.warmup if args.warmup is not None else (1 if cuda else 0),
         "repeats": args.repeats if args.repeats is not None else (3 if cuda else 1),
         "in_process": bool(args.in_process), "variants": variants, "train_cfg": train_cfg, "engine": args.engine,
@@ -132,13 +135,26 @@ def settings_from_args(args) -> dict:
 
 
 def load_train_config() -> dict:
-    """The trainer's settings (config.yaml ``train``): chunk size, clip, temperature, λ schedule, …"""
+    """The trainer's settings (config.yaml ``train`` without ``parallel``), as they go into the spec
+    a worker subprocess reads (JSON); :func:`bench_settings` types them."""
     import yaml
 
     path = REPO_ROOT / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the bench takes the trainer's settings from it")
-    return yaml.safe_load(path.read_text())["train"]
+    train = yaml.safe_load(path.read_text())["train"]
+    return {key: value for key, value in train.items() if key != "parallel"}
+
+
+def bench_settings(s: dict, method: str) -> TrainRun:
+    """The run settings of one bench variant: config.yaml's ``train`` with the bench's shape (one prompt of
+    ``batch`` rollouts of ``length`` tokens, one micro-batch, the chunk and α asked for)."""
+    run = TrainRun.from_mapping({**s["train_cfg"], "method": method, "thinking": False}, "bench: config.yaml train")
+    shape = {key: s[key] for key in ("seed", "device", "dtype") if key in s}
+    if "batch" in s:
+        shape.update(batch_prompts=1, group_size=s["batch"], micro_batch_size=s["batch"], logprob_chunk=s["chunk"],
+                     sampling={"max_new_tokens": s["length"]}, kl={"alpha": s["alpha"]})
+    return replace(run, **shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,16 +289,16 @@ def kl_inputs(s: dict, device, dtype) -> dict:
             "teacher_weight": put(teacher_weight), "mask": mask.to(device), "routed": routed.to(device)}
 
 
-def kl_loss(variant: str, x: dict, train_cfg: dict, chunk: int) -> dict:
+def kl_loss(variant: str, x: dict, settings: TrainRun, chunk: int) -> dict:
     """Forward + backward of the KL branch of Eq. 1 (FKL on key tokens), one way of computing it."""
     import torch
     import torch.nn.functional as F
 
     from trace import losses
 
-    kl = train_cfg["kl"]
-    opts = dict(top_k=kl["top_k"], tail_bucket=kl["tail_bucket"], entry_clip=kl["entry_clip"],
-                temperature=train_cfg["sampling"]["temperature"])
+    kl = settings.kl
+    opts = dict(top_k=kl.top_k, tail_bucket=kl.tail_bucket, entry_clip=kl.entry_clip,
+                temperature=settings.sampling.temperature)
     mask = x["mask"]
     if variant == "kl_naive_all":
         where = mask
@@ -350,31 +366,20 @@ def build_bench_model(s: dict, out_dir: Path) -> Path:
     return out_dir
 
 
-def trainer_config(s: dict, method: str) -> dict:
-    import copy
-
-    cfg = copy.deepcopy(s["train_cfg"])
-    cfg.update(method=method, seed=s["seed"], device=s["device"], dtype=s["dtype"], thinking=False,
-               batch_prompts=1, group_size=s["batch"], micro_batch_size=s["batch"], logprob_chunk=s["chunk"])
-    cfg["sampling"] = dict(cfg["sampling"], max_new_tokens=s["length"])
-    cfg["kl"] = dict(cfg["kl"], alpha=s["alpha"])
-    return cfg
-
-
 def step_setup(s: dict, method: str, model_dir: Path, work: Path):
-    """A Trainer on the bench model and the arguments train_step would pass to _micro_batch_loss."""
+    """A Trainer on the bench model and the arguments train_step would pass to micro_batch_loss."""
     import torch
 
     from trace import losses
     from trace.prompting import render_prompt
     from trace.router import RoutedMasks
     from trace.rollout import RolloutBatch
-    from trace.train.teacher import teacher_prompt
+    from trace.prompting import teacher_prompt
     from trace.train.trainer import Trainer
 
     train_path = work / "train.jsonl"
     train_path.write_text(json.dumps(RECORD) + "\n")
-    trainer = Trainer(trainer_config(s, method), model_dir, train_path, work / f"run_{method}",
+    trainer = Trainer(bench_settings(s, method), model_dir, train_path, work / f"run_{method}",
                       annotator=_RoutedByBench())
     dev, tok, B, T = trainer.device, trainer.tokenizer, s["batch"], s["length"]
     enc = tok([render_prompt(tok, RECORD, False)] * B, return_tensors="pt", padding=True,
@@ -385,7 +390,7 @@ def step_setup(s: dict, method: str, model_dir: Path, work: Path):
     rollouts = RolloutBatch(enc["input_ids"].to(dev), enc["attention_mask"].to(dev), completion_ids.to(dev),
                             completion_mask.to(dev), texts=[""] * B)
     correct = (torch.arange(B) % 2 == 0).to(dev)  # half right: a group with reward variance
-    advantages = losses.ADVANTAGE_ESTIMATORS[trainer.cfg["advantage"]](correct.float(), B)
+    advantages = losses.ADVANTAGE_ESTIMATORS[trainer.settings.advantage](correct.float(), B)
     mask = completion_mask.bool().to(dev)
     _, agg = trainer.aggregation(mask)
     step, lam = 0, trainer.schedule(0)
@@ -434,12 +439,13 @@ def whole_step_setup(s: dict, variant: str, model_dir: Path, work: Path):
     from trace.train.trainer import Trainer
 
     method = "grpo" if "grpo" in variant else "trace_fkl"
-    cfg = trainer_config(s, method)
-    cfg["rollout"] = dict(cfg.get("rollout") or {}, engine=s["engine"])
+    settings = replace(bench_settings(s, method), rollout={"engine": s["engine"]})
     train_path = work / "train.jsonl"
     train_path.write_text(json.dumps(RECORD) + "\n")
-    trainer = Trainer(cfg, model_dir, train_path, work / f"run_{variant}", annotator=cap_filling_annotator(s["alpha"]))
-    first = 0 if variant.endswith("kl_window") else cfg["kl"]["end"]  # the step after the window frees the teacher
+    # part (c)'s synthetic rewards come in as the run's reward function (random text never holds the gold answer)
+    trainer = Trainer(settings, model_dir, train_path, work / f"run_{variant}", annotator=cap_filling_annotator(s["alpha"]),
+                      reward=half_correct)
+    first = 0 if variant.endswith("kl_window") else settings.kl.end  # the step after the window frees the teacher
     return trainer, iter(range(first, first + whole_step_warmup(s) + s["repeats"]))
 
 
@@ -456,9 +462,7 @@ def whole_step_warmup(s: dict) -> int:
 def run_variant(s: dict, variant: str, model_dir: Path | None, work: Path) -> dict:
     import torch
 
-    from trace.cli import _threads_from_env
-
-    _threads_from_env()
+    threads_from_env()
     device, dtype = torch.device(s["device"]), getattr(torch, s["dtype"])
     torch.manual_seed(s["seed"])
     if variant in KL_VARIANTS:
@@ -467,16 +471,13 @@ def run_variant(s: dict, variant: str, model_dir: Path | None, work: Path) -> di
         def reset():
             x["hidden"].grad = x["weight"].grad = None
 
-        row, out = measure(lambda: kl_loss(variant, x, s["train_cfg"], s["chunk"]), device,
+        row, out = measure(lambda: kl_loss(variant, x, bench_settings(s, "trace_fkl"), s["chunk"]), device,
                            s["warmup"], s["repeats"], reset)
         row.update(out)
     elif variant in WHOLE_VARIANTS:
-        from unittest import mock
-
         trainer, steps = whole_step_setup(s, variant, model_dir, work)
-        with mock.patch("trace.train.trainer.grade_many", half_correct):
-            row, metrics = measure(lambda: trainer.train_step(next(steps)), device, whole_step_warmup(s),
-                                   s["repeats"], lambda: None)
+        row, metrics = measure(lambda: trainer.train_step(next(steps)), device, whole_step_warmup(s),
+                               s["repeats"], lambda: None)
         row.update(kl_positions=int(metrics.get("tokens_key", 0)), loss=metrics["loss"], lam=metrics["lambda"],
                    teacher_active=metrics["teacher_active"], rollout_s=metrics["rollout_s"], grad_norm=metrics["grad_norm"],
                    response_length=metrics["response_length"], engine=s["engine"])
@@ -487,7 +488,7 @@ def run_variant(s: dict, variant: str, model_dir: Path | None, work: Path) -> di
         def reset():
             trainer.optimizer.zero_grad(set_to_none=True)
 
-        row, metrics = measure(lambda: trainer._micro_batch_loss(**call), device, s["warmup"], s["repeats"], reset)
+        row, metrics = measure(lambda: trainer.micro_batch_loss(**call), device, s["warmup"], s["repeats"], reset)
         routed = call["routed"]
         row.update(kl_positions=int(routed.key.sum()) if routed is not None else 0, loss=metrics["loss"],
                    lam=call["lam"], kl_key_branch=metrics.get("kl/kl_key_branch"),
@@ -617,7 +618,7 @@ def summarize(s: dict, rows: dict, wall_s: float) -> dict:
         notes += [
             "Part (b): Rollout generation is excluded: GRPO and TRACE score the same fixed synthetic rollouts "
             f"({s['batch']} random completions of {s['length']} tokens, seeded).",
-            "Part (b) is Trainer._micro_batch_loss (the loss phase of train_step), not the optimizer step; "
+            "Part (b) is Trainer.micro_batch_loss (the loss phase of train_step), not the optimizer step; "
             "model weights (student, and the teacher copy for TRACE) are in the baseline, not the peak delta."]
     if any(v in WHOLE_VARIANTS for v in rows):
         notes.append(
@@ -636,9 +637,9 @@ def summarize(s: dict, rows: dict, wall_s: float) -> dict:
             "but little peak memory against the chunked all-token loss; against the naive full-logits loss it "
             "saves both.")
     settings = {k: v for k, v in s.items() if k not in ("train_cfg", "variants")}
-    kl = s["train_cfg"]["kl"]
-    settings.update(divergence="fkl", entry_clip=kl["entry_clip"], top_k=kl["top_k"],
-                    temperature=s["train_cfg"]["sampling"]["temperature"], lam=kl["w0"],
+    run = bench_settings(s, "trace_fkl")
+    settings.update(divergence="fkl", entry_clip=run.kl.entry_clip, top_k=run.kl.top_k,
+                    temperature=run.sampling.temperature, lam=run.kl.w0,
                     torch=torch.__version__, isolation="in-process" if s["in_process"] else "subprocess per variant")
     return {
         "bench": "trace routed-KL memory/time", "settings": settings,
@@ -685,7 +686,7 @@ def format_report(result: dict) -> str:
         lines += table("(a) KL loss (FKL, per-entry clip), forward + backward", result["kl_loss"],
                        by.get("kl_chunked_all"), "chunked all-token")
     if result["step_loss_phase"]:
-        lines += table("(b) training step, loss phase (Trainer._micro_batch_loss), forward + backward",
+        lines += table("(b) training step, loss phase (Trainer.micro_batch_loss), forward + backward",
                        result["step_loss_phase"], by.get("step_grpo"), "GRPO")
     for phase, title in (("kl_window", "in the KL window"), ("after", "after kl.end")):
         pair = [by[v] for v in (f"whole_grpo_{phase}", f"whole_trace_{phase}") if v in by]

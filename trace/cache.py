@@ -15,58 +15,38 @@ import shutil
 from pathlib import Path
 
 from trace.report import read_aggregate_csv, write_tables_and_figures
+from trace.settings import ReportJob
 
 SETTINGS = "report_settings.json"
 AGGREGATE_FILES = ("evals.csv", "training_curves.csv", "credit_maps.csv", "teacher_gap.csv")
 DRAWN = ("tables", "figures")
 LAYOUT = f"a cache folder holds {SETTINGS} and aggregate/{{{','.join(AGGREGATE_FILES)}}}"
-# the keys each ablation's settings must have (workflow/rules/report.smk passes config["ablations"])
-ABLATION_KEYS = {"annotator_tiers": ("model", "method", "tiers"), "mask_localisation": ("model", "methods")}
-
-
-def export_cache(cfg: dict, aggregate_dir: Path, cache_dir: Path) -> None:
+def export_cache(job: ReportJob, aggregate_dir: Path, cache_dir: Path) -> None:
     """The aggregate CSVs and the report settings into cache_dir, then its tables and figures redrawn from
     the cache alone (the previous ones removed first, so nothing stale stays in it)."""
-    _check_settings(cfg, "--cfg")
+    job = ReportJob.from_mapping(job)
     sources = [aggregate_dir / name for name in AGGREGATE_FILES]
     if missing := [str(path) for path in sources if not path.is_file()]:
         raise FileNotFoundError(f"aggregate file(s) {', '.join(missing)} do not exist (python -m trace aggregate)")
     (cache_dir / "aggregate").mkdir(parents=True, exist_ok=True)
     for source in sources:
         shutil.copyfile(source, cache_dir / "aggregate" / source.name)
-    (cache_dir / SETTINGS).write_text(json.dumps(cfg, sort_keys=True, indent=2) + "\n")
+    (cache_dir / SETTINGS).write_text(json.dumps(job.to_dict(), sort_keys=True, indent=2) + "\n")
     for name in DRAWN:
         shutil.rmtree(cache_dir / name, ignore_errors=True)
     redraw(cache_dir)
 
 
-def read_settings(cache_dir: Path) -> dict:
+def read_settings(cache_dir: Path) -> ReportJob:
+    """The cache's report settings, checked against the schema (one line naming the file and key)."""
     path = cache_dir / SETTINGS
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {LAYOUT}")
     try:
-        cfg = json.loads(path.read_text())
+        values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    _check_settings(cfg, str(path))
-    return cfg
-
-
-def _check_settings(cfg, where: str) -> None:
-    """What write_tables_and_figures needs to start: benchmarks {benchmark: column}, optional methods and
-    ablations of the right shape."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{where}: the report settings must be a JSON object, got {type(cfg).__name__}")
-    benchmarks = cfg.get("benchmarks")
-    if not (isinstance(benchmarks, dict) and benchmarks and all(isinstance(v, str) for v in benchmarks.values())):
-        raise ValueError(f"{where}: 'benchmarks' must map each benchmark to its table column, got {benchmarks!r}")
-    for key, kind in (("methods", list), ("ablations", dict), ("paper_models", dict)):
-        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
-            raise ValueError(f"{where}: {key!r} must be a JSON {'array' if kind is list else 'object'}")
-    for name, ablation in (cfg.get("ablations") or {}).items():
-        keys = ABLATION_KEYS.get(name, ())
-        if ablation is not None and not (isinstance(ablation, dict) and all(key in ablation for key in keys)):
-            raise ValueError(f"{where}: ablations.{name} must be null or an object with {', '.join(keys)}")
+    return ReportJob.from_mapping(values, str(path))
 
 
 def redraw(cache_dir: Path, out_dir: Path | None = None) -> Path:

@@ -2,7 +2,8 @@
 
 Every stage takes the settings it needs as a JSON string (``--cfg``), which the Snakefile builds
 from the validated config, so a job's effective settings are visible in its log and in
-``snakemake --list-params-changes``.
+``snakemake --list-params-changes``. Each stage turns it into its typed settings (trace/settings.py:
+defaults and checks from the schema) once, here, before anything runs.
 """
 from __future__ import annotations
 
@@ -13,22 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-
-def _threads_from_env() -> None:
-    """Few threads and passive waiting: two processes sharing 2 cores otherwise slow down ~30x."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("TRACE_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))))
-
-
-def _skip_sklearn_in_transformers() -> None:
-    """transformers' generation utilities import scikit-learn (4 s of a job's ~15 s start-up on this
-    CPU) only to tune assisted decoding's draft threshold, which no rollout or evaluation here uses.
-    Declaring it absent to transformers leaves scikit-learn importable for anyone else (lm-eval)."""
-    import transformers.utils
-
-    transformers.utils.is_sklearn_available = lambda: False
+from trace import settings
+from trace.bench import add_arguments as add_bench_arguments
+from trace.runtime import skip_sklearn_in_transformers, threads_from_env
 
 
 def cmd_toy_data(args, cfg):
@@ -43,30 +31,29 @@ def cmd_toy_base(args, cfg):
     build_toy_base(cfg, Path(args.data_dir), Path(args.out_dir))
 
 
-def cmd_base_model(args, cfg):
+def cmd_base_model(args, job):
     from trace.base_model import materialise
 
-    materialise(cfg["name"], cfg["entry"], Path(args.out_dir),
-                train_data=Path(args.train_data) if args.train_data else None, thinking=cfg.get("thinking", True),
-                section=cfg.get("section", "models"))
+    materialise(job.name, job.entry, Path(args.out_dir), train_data=Path(args.train_data) if args.train_data else None,
+                thinking=job.thinking, section=job.section)
 
 
-def cmd_train(args, cfg):
+def cmd_train(args, run):
     from trace.train.trainer import Trainer
 
-    if cfg.get("train_source"):  # a real-data run trains only on the source its config asks for
+    if run.train_source:  # a real-data run trains only on the source its config asks for
         from trace.data.benchmarks import check_train_source
 
         logging.getLogger("trace").info("training data %s from %s", args.train_data,
-                                        check_train_source(Path(args.train_data), cfg["train_source"]))
+                                        check_train_source(Path(args.train_data), run.train_source))
     if args.teacher_gap:  # a distillation run: is its teacher better than the student where it matters?
         from trace.methods import get_method
         from trace.train.teacher_gap import check_teacher
 
-        if get_method(cfg["method"]).uses_teacher:
-            check_teacher(Path(args.teacher_gap), cfg["method"], cfg.get("teacher_check_on_worse", "refuse"))
+        if get_method(run.method).uses_teacher:
+            check_teacher(Path(args.teacher_gap), run.method, run.teacher_check_on_worse)
     # the Trainer builds the configured annotator tier (train.annotator) itself: the self tier needs its policy
-    Trainer(cfg, Path(args.base), Path(args.train_data), Path(args.run_dir),
+    Trainer(run, Path(args.base), Path(args.train_data), Path(args.run_dir),
             val_path=Path(args.val_data) if args.val_data else None,
             probe_batch=Path(args.probe_batch) if args.probe_batch else None).fit()
 
@@ -91,18 +78,18 @@ def cmd_evaluate(args, cfg):
     evaluate_many(Path(args.model), data, Path(args.out_dir), **cfg)
 
 
-def cmd_prepare_benchmarks(args, cfg):
+def cmd_prepare_benchmarks(args, job):
     from trace.data.benchmarks import prepare_eval_sets
 
-    prepare_eval_sets(Path(cfg["mirror_dir"]) if cfg.get("mirror_dir") else None, Path(args.out_dir),
-                      cfg["names"], gpqa_seed=cfg.get("gpqa_seed", 0))
+    prepare_eval_sets(Path(job.mirror_dir) if job.mirror_dir else None, Path(args.out_dir), list(job.names),
+                      gpqa_seed=job.gpqa_seed)
 
 
-def cmd_prepare_train(args, cfg):
+def cmd_prepare_train(args, job):
     from trace.data.benchmarks import prepare_train_set
 
-    prepare_train_set(Path(cfg["mirror_dir"]) if cfg.get("mirror_dir") else None, Path(args.out_dir),
-                      cfg["max_rows"], cfg["val_rows"], cfg.get("seed", 0), source=cfg["source"])
+    prepare_train_set(Path(job.mirror_dir) if job.mirror_dir else None, Path(args.out_dir), job.max_rows,
+                      job.val_rows, job.seed, source=job.source)
 
 
 def cmd_aggregate(args, cfg):
@@ -137,18 +124,20 @@ def cmd_bench(args, cfg):
     run_from_args(args)
 
 
+# stage -> (handler, the typed settings its --cfg becomes (None: evaluate's keyword arguments), options)
 STAGES = {
-    "toy-data": (cmd_toy_data, ["--out-dir"]),
-    "toy-base": (cmd_toy_base, ["--data-dir", "--out-dir"]),
-    "prepare-benchmarks": (cmd_prepare_benchmarks, ["--out-dir"]),
-    "prepare-train": (cmd_prepare_train, ["--out-dir"]),
-    "base-model": (cmd_base_model, ["--out-dir", "--train-data?"]),
-    "train": (cmd_train, ["--base", "--train-data", "--run-dir", "--val-data?", "--teacher-gap?", "--probe-batch?"]),
-    "teacher-gap": (cmd_teacher_gap, ["--base", "--train-data", "--out", "--probe-batch?"]),
-    "evaluate": (cmd_evaluate, ["--model", "--data+", "--out-dir"]),
-    "aggregate": (cmd_aggregate, ["--evals*", "--metrics*", "--teacher-gaps*?", "--out-dir"]),
-    "report": (cmd_report, ["--aggregate-dir", "--out-dir"]),
-    "export-cache": (cmd_export_cache, ["--aggregate-dir", "--out-dir"]),
+    "toy-data": (cmd_toy_data, settings.ToyWorld, ["--out-dir"]),
+    "toy-base": (cmd_toy_base, settings.ToyBaseJob, ["--data-dir", "--out-dir"]),
+    "prepare-benchmarks": (cmd_prepare_benchmarks, settings.BenchmarkDataJob, ["--out-dir"]),
+    "prepare-train": (cmd_prepare_train, settings.TrainDataJob, ["--out-dir"]),
+    "base-model": (cmd_base_model, settings.BaseModelJob, ["--out-dir", "--train-data?"]),
+    "train": (cmd_train, settings.TrainRun,
+              ["--base", "--train-data", "--run-dir", "--val-data?", "--teacher-gap?", "--probe-batch?"]),
+    "teacher-gap": (cmd_teacher_gap, settings.TeacherGapJob, ["--base", "--train-data", "--out", "--probe-batch?"]),
+    "evaluate": (cmd_evaluate, None, ["--model", "--data+", "--out-dir"]),
+    "aggregate": (cmd_aggregate, settings.ReportJob, ["--evals*", "--metrics*", "--teacher-gaps*?", "--out-dir"]),
+    "report": (cmd_report, settings.ReportJob, ["--aggregate-dir", "--out-dir"]),
+    "export-cache": (cmd_export_cache, settings.ReportJob, ["--aggregate-dir", "--out-dir"]),
 }
 NO_TORCH = {"aggregate", "report", "export-cache", "redraw"}  # tables and figures only: no torch import
 
@@ -165,14 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_preflight(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m trace", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
-    for name, (_, options) in STAGES.items():
+    for name, (_, _, options) in STAGES.items():
         stage = sub.add_parser(name)
         stage.add_argument("--cfg", default="{}", help="the stage's settings as JSON (built by the Snakefile)")
         for option in options:  # "--name?" optional; "--name+" / "--name*" one or more / any number of values
             values = option.rstrip("?")[-1]  # "--name*?": an optional list
             stage.add_argument(option.rstrip("?+*"), required=not option.endswith("?"),
                                nargs=values if values in "+*" else None)
-    from trace.bench import add_arguments as add_bench_arguments
 
     sub.add_parser("smoke", help="the paper path on CPU: start the smoke's annotator server, run "
                                  "workflow/configs/paper_smoke.yaml through Snakemake, stop the server; "
@@ -195,11 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     except json.JSONDecodeError as exc:
         parser.error(f"--cfg is not valid JSON: {exc}")
     if args.stage not in NO_TORCH:
-        _threads_from_env()
-        _skip_sklearn_in_transformers()
-    handler = STAGES[args.stage][0] if args.stage in STAGES else args.handler
+        threads_from_env()
+        skip_sklearn_in_transformers()
+    handler, kind, _ = STAGES[args.stage] if args.stage in STAGES else (args.handler, None, None)
     try:
-        handler(args, cfg)
+        handler(args, kind.from_mapping(cfg, f"{args.stage} --cfg") if kind is not None else cfg)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         # configuration and input errors: one clear line, not a traceback from deep inside a library
         logging.getLogger("trace").error("%s failed: %s: %s", args.stage, type(exc).__name__, exc)

@@ -12,19 +12,31 @@ run folder, so every node must see it.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
+from pathlib import Path
 
-DEFAULTS = {"nodes": 1, "procs_per_node": 1, "cpus_per_proc": 1, "mem_mb_per_node": None, "runtime_min": 1440,
-            "rdzv_port": 29500}
+import yaml
+
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def parallel_defaults() -> dict:
+    """train.parallel's defaults: the schema's (one place; this module is loaded by path by the Snakefile,
+    so it reads the schema itself rather than importing trace.settings)."""
+    node = yaml.safe_load(SCHEMA_FILE.read_text())["properties"]["train"]["properties"]["parallel"]["properties"]
+    return {key: spec["default"] for key, spec in node.items()}
 
 
 def parallel_settings(train_cfg: dict) -> dict:
     """train.parallel with defaults, checked (one clear error naming the key)."""
-    settings = {**DEFAULTS, **(train_cfg.get("parallel") or {})}
-    unknown = set(settings) - set(DEFAULTS)
+    defaults = parallel_defaults()
+    settings = {**defaults, **(train_cfg.get("parallel") or {})}
+    unknown = set(settings) - set(defaults)
     if unknown:
-        raise ValueError(f"train.parallel: unknown key(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        raise ValueError(f"train.parallel: unknown key(s) {sorted(unknown)}; known: {sorted(defaults)}")
     for key in ("nodes", "procs_per_node", "cpus_per_proc", "runtime_min", "rdzv_port"):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise ValueError(f"train.parallel.{key} must be a positive integer, not {settings[key]!r}")

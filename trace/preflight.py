@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import yaml
 
 from trace import base_model, study_config
+from trace.settings import PretrainedModel
 
 REPO = Path(__file__).resolve().parents[1]
 USAGE = "python -m trace preflight --profile NAME [--configfile FILE ...] [TARGET ...] [--probe-nodes]"
@@ -202,6 +203,9 @@ def check_shapes(planned: dict[str, list[dict]], workdir: Path, report: Report) 
 
 # ---- models, data, key, venv ---------------------------------------------------------------------------
 def check_models(config: dict, workdir: Path, report: Report) -> None:
+    if config.get("study") == "toy":  # toy bases are built by the toy_base rule from config.yaml's sizes
+        report.add("OK", "models: toy bases, built by the toy_base rule")
+        return
     entries = {**{n: ("models", e) for n, e in (config.get("models") or {}).items()},
                **{n: ("annotator_models", e) for n, e in (config.get("annotator_models") or {}).items()}}
     for name, (section, entry) in entries.items():
@@ -215,7 +219,8 @@ def check_models(config: dict, workdir: Path, report: Report) -> None:
                 report.add("OK", f"model {name}: materialised in {out}")
                 continue
             report.add("WARN", f"{broken}: its base_model job will rebuild it")
-        problem = base_model.availability_problem(name, entry, out, section)  # absent or broken: the source
+        problem = base_model.availability_problem(name, PretrainedModel.from_mapping(entry, f"{section}.{name}"), out,
+                                                  section)  # absent or broken: the source
         if problem:
             report.add("BLOCK", problem)
         elif entry.get("init"):

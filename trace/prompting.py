@@ -1,5 +1,6 @@
 """The one place where a record becomes a chat prompt — shared by SFT, RL rollouts and lm-eval,
-so the policy is always evaluated on exactly the prompt it was trained on."""
+so the policy is always evaluated on exactly the prompt it was trained on — and where the teacher's
+private turn is written: the diagnostic label vocabulary, its prefix, and the teacher's prompt."""
 from __future__ import annotations
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -33,3 +34,64 @@ def render_prompt(tokenizer, record: dict, thinking: bool, system_prefix: str | 
     messages.append({"role": "user", "content": user_message(record)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=thinking)
+
+
+# ----------------------------------------------------------------------------------------------
+# The annotators' label vocabulary (the paper names only `case_split` and `missed_case`; the rest is ours (?)).
+# ----------------------------------------------------------------------------------------------
+# Each description is written so that it reads well both in the annotator's menu and in the
+# teacher's private prefix.
+KEY_LABELS: dict[str, str] = {
+    "key_insight": "a non-obvious observation or reformulation that unlocks the problem",
+    "correct_setup": "translating the problem into the right variables, equations or model",
+    "case_split": "splitting into exhaustive cases and handling each one",
+    "known_result": "invoking the right theorem, identity or standard formula",
+    "decisive_computation": "the calculation or simplification that actually yields the answer",
+    "self_verification": "checking an intermediate result and catching or fixing a mistake",
+    "other_key_step": "a decisive step of another kind",
+}
+ERROR_LABELS: dict[str, str] = {
+    "misread_problem": "solving a different question than the one asked (wrong target or ignored condition)",
+    "wrong_setup": "variables, equations or model that do not match the problem",
+    "missed_case": "a case, branch, root or boundary condition that was not considered",
+    "wrong_formula": "a misremembered or misapplied theorem, identity or formula",
+    "arithmetic_slip": "a calculation mistake inside otherwise sound reasoning",
+    "sign_error": "a sign that was dropped or flipped",
+    "unjustified_step": "a claim asserted without justification that does not actually hold",
+    "incomplete_solution": "stopping, looping or running out of room before reaching a justified answer",
+    "other_error": "a root-cause error of another kind",
+}
+LABELS: dict[str, str] = {**KEY_LABELS, **ERROR_LABELS}
+FALLBACK_KEY_LABEL = "other_key_step"
+FALLBACK_ERROR_LABEL = "other_error"
+assert not set(KEY_LABELS) & set(ERROR_LABELS), "a label must belong to exactly one kind"
+
+
+def label_to_teacher_prefix(label: str) -> str:
+    """Private text the teacher is conditioned on: the label and its description only.
+
+    Deliberately carries neither the span text nor span positions (paper §2, step 3).
+    """
+    if label not in LABELS:
+        raise ValueError(f"unknown annotation label {label!r}; expected one of {sorted(LABELS)}")
+    pretty = label.replace("_", " ")
+    if label in KEY_LABELS:
+        return f"Private hint: the decisive step in this problem is of type '{pretty}' ({LABELS[label]})."
+    return (f"Private hint: a likely pitfall in this problem is of type '{pretty}' ({LABELS[label]}); "
+            "reason carefully at that point.")
+
+
+def teacher_prompt(tokenizer, record: dict, context: str, label_prefix: str | None, thinking: bool) -> str:
+    """The teacher's prompt for one rollout: the student's prompt plus a private system turn.
+
+    context='label': TRACE's diagnostic type label (no span text, no positions); a rollout without an
+    annotation gets the plain student prompt (it has no routed tokens anyway).
+    context='reference': the reference solution (SDPO/SRPO/RLSD-style privileged information).
+    """
+    if context == "label":
+        prefix = label_prefix
+    elif context == "reference":
+        prefix = reference_context(record)
+    else:
+        raise ValueError(f"unknown teacher context {context!r} (method.teacher_context): label | reference")
+    return render_prompt(tokenizer, record, thinking, system_prefix=prefix)

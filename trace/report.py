@@ -4,7 +4,7 @@
     results/train/<model>/<method>/seed<s>/metrics.jsonl -> results/aggregate/training_curves.csv
     aggregate CSVs -> results/tables/*.md|csv, results/figures/*.png   (no GPU, no model)
 
-The paper study (cfg ``compare_to_paper``) prints the paper's reported numbers
+The paper study (``compare_to_paper``) prints the paper's reported numbers
 (trace/paper_results.csv, values exactly as TRACE.md §7 gives them) beside ours.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from trace.settings import ReportJob
 
 VAL = "val/mean_at_k"  # validation mean@k after a step (trainer.validate), logged every validation.every steps
 CONCENTRATION, LIFT = "probe/credit_concentration", "probe/logprob_lift_key_supported"  # trace/train/probe.py
@@ -43,11 +45,11 @@ def _policy_method_seed(policy: str) -> tuple[str, int | None]:
     return method, int(seed)
 
 
-def aggregate(cfg: dict, eval_files: list[Path], metrics_files: list[Path], out_dir: Path,
+def aggregate(job: ReportJob, eval_files: list[Path], metrics_files: list[Path], out_dir: Path,
               gap_files: list[Path] = ()) -> None:
     """Exactly the given per-run files (the rule's declared inputs) -> the aggregate CSVs; nothing is
     globbed, so results of runs or seeds no longer in the config never reach a table."""
-    benchmarks = cfg["benchmarks"]
+    benchmarks = ReportJob.from_mapping(job).benchmarks
     eval_rows = []
     for path in eval_files:
         model, policy, benchmark = path.parts[-3], path.parts[-2], path.stem
@@ -503,9 +505,10 @@ VALIDATION = Panel((VAL,), "validation mean@k (held-out), 95% CI", smooth=False,
                    band=("val/ci95_low", "val/ci95_high"))
 
 
-def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> None:
-    """cfg: benchmarks {benchmark: paper column}, methods, ablations; for the paper study also
+def write_tables_and_figures(job: ReportJob, aggregate_dir: Path, out_dir: Path) -> None:
+    """job: benchmarks {benchmark: paper column}, methods, ablations; for the paper study also
     compare_to_paper: true and paper_models {our model name: the paper's, e.g. Qwen3-8B}."""
+    job = ReportJob.from_mapping(job)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,17 +516,17 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
 
     evals = read_aggregate_csv(aggregate_dir / "evals.csv")
     curves = read_aggregate_csv(aggregate_dir / "training_curves.csv")
-    columns = list(dict.fromkeys(cfg["benchmarks"].values()))
+    columns = list(dict.fromkeys(job.benchmarks.values()))
     tables, figures = out_dir / "tables", out_dir / "figures"
     tables.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
-    compare = bool(cfg.get("compare_to_paper"))
+    compare = job.compare_to_paper
     paper = read_paper_results() if compare else None
-    paper_models = cfg.get("paper_models") or {}
+    paper_models = job.paper_models
     k = int(evals["k"].iloc[0])
     legend = (f"avg@{k}, %; benchmark columns are the paper's, filled by this study's benchmarks: "
-              f"{', '.join(f'{b} → {c}' for b, c in cfg['benchmarks'].items())}")
-    main_runs = ["base", *cfg.get("methods", evals["method"].unique())]
+              f"{', '.join(f'{b} → {c}' for b, c in job.benchmarks.items())}")
+    main_runs = ["base", *(job.methods if job.methods is not None else evals["method"].unique())]
     main_evals = evals[evals["method"].isin(main_runs)]
     table = with_avg_ci(main_table(main_evals, columns), main_evals, columns).round(2)
     if compare:
@@ -543,29 +546,29 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
                  + ("; paper_delta_avg: the paper's AVG difference (TRACE.md §7 Table 2; tier runs: Table 3 gain)"
                     if compare else ""))
 
-    ablations = cfg.get("ablations") or {}
+    ablations = job.ablations
     tier_runs = None
-    if tiers := ablations.get("annotator_tiers"):
+    if tiers := ablations.annotator_tiers:
         # the main run of the same method uses train.annotator: the strongest tier (API / toy oracle)
-        strong = f"strong ({tiers['method']}, train.annotator)"
-        rows = {strong: tiers["method"], **{tier: f"{tiers['method']}@{tier}" for tier in tiers["tiers"]}}
-        tier_runs = {"strong": tiers["method"], **{tier: run for tier, run in rows.items() if tier != strong}}
-        header = f"Annotator tiers (Table 3 shape) on {tiers['model']}; gain_vs_grpo = AVG − GRPO's AVG ({legend})"
+        strong = f"strong ({tiers.method}, train.annotator)"
+        rows = {strong: tiers.method, **{tier: f"{tiers.method}@{tier}" for tier in tiers.tiers}}
+        tier_runs = {"strong": tiers.method, **{tier: run for tier, run in rows.items() if tier != strong}}
+        header = f"Annotator tiers (Table 3 shape) on {tiers.model}; gain_vs_grpo = AVG − GRPO's AVG ({legend})"
         if compare:
-            tier_table = tier_comparison(evals, columns, tiers["model"], rows, {strong: "strong"}, paper,
-                                         paper_models.get(tiers["model"], tiers["model"]))
+            tier_table = tier_comparison(evals, columns, tiers.model, rows, {strong: "strong"}, paper,
+                                         paper_models.get(tiers.model, tiers.model))
             header += ("; gain 95% CI from the two AVGs' CIs; paper_gain_vs_grpo from TRACE.md §7 Table 3; "
                        "diff_gain = ours − paper")
         else:
-            tier_table = ablation_table(evals, columns, tiers["model"], rows)
+            tier_table = ablation_table(evals, columns, tiers.model, rows)
         _write_table(tier_table.round(2), tables, "annotator_tiers", header)
-    if masks := ablations.get("mask_localisation"):
-        rows = {"annotated spans (trace_fkl)": "trace_fkl", **{m: m for m in masks["methods"]}}
-        header = f"Mask localisation (Table 4 shape) on {masks['model']} ({legend})"
+    if masks := ablations.mask_localisation:
+        rows = {"annotated spans (trace_fkl)": "trace_fkl", **{m: m for m in masks.methods}}
+        header = f"Mask localisation (Table 4 shape) on {masks.model} ({legend})"
         if compare:
             header += ("; the paper (TRACE.md §7 Table 4) reports only the order annotated spans > random 25% > "
                        "all-token, inverted 25%: no numbers to compare")
-        _write_table(ablation_table(evals, columns, masks["model"], rows).round(2), tables, "mask_localisation",
+        _write_table(ablation_table(evals, columns, masks.model, rows).round(2), tables, "mask_localisation",
                      header)
     mechanism = mechanism_table(curves).round(4).set_index(["model", "method"])
     _write_table(mechanism, tables, "mechanism",
@@ -620,11 +623,11 @@ def write_tables_and_figures(cfg: dict, aggregate_dir: Path, out_dir: Path) -> N
     # Figs. 4 and 7: the ablations' validation curves, KL window shaded
     ablation_panels = [TRAIN_REWARD, ENTROPY, Panel(("span_coverage",), "routed-token coverage"), VALIDATION]
     if tiers:
-        runs = ["grpo", tiers["method"], *(f"{tiers['method']}@{tier}" for tier in tiers["tiers"])]
-        _curve_figure(plt, curves, {tiers["model"]: runs}, ablation_panels, figures / "annotator_tiers.png")
+        runs = ["grpo", tiers.method, *(f"{tiers.method}@{tier}" for tier in tiers.tiers)]
+        _curve_figure(plt, curves, {tiers.model: runs}, ablation_panels, figures / "annotator_tiers.png")
     if masks:
-        runs = ["grpo", "trace_fkl", *masks["methods"]]
-        _curve_figure(plt, curves, {masks["model"]: runs}, ablation_panels, figures / "mask_localisation.png")
+        runs = ["grpo", "trace_fkl", *masks.methods]
+        _curve_figure(plt, curves, {masks.model: runs}, ablation_panels, figures / "mask_localisation.png")
 
 
 def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> None:

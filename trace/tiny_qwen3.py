@@ -39,9 +39,9 @@ def build_tiny_qwen3(out_dir: Path | str, qwen3_dir: Path | str = QWEN3_DIR, see
     unknown = sorted(set(size) - set(DEFAULT_SIZE))
     if unknown:
         raise ValueError(f"unknown tiny-qwen3 sizes {unknown}; known: {sorted(DEFAULT_SIZE)}")
-    model, settings = random_qwen3(qwen3_dir / TEMPLATE_CONFIG, {**DEFAULT_SIZE, **size}, seed)
+    model, model_config = random_qwen3(qwen3_dir / TEMPLATE_CONFIG, {**DEFAULT_SIZE, **size}, seed)
     if end_of_turn_margin is not None:
-        make_turns_end(model, settings["eos_token_id"], end_of_turn_margin)
+        make_turns_end(model, model_config["eos_token_id"], end_of_turn_margin)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     copy_tokenizer(qwen3_dir, out_dir)
@@ -53,14 +53,14 @@ def random_qwen3(template_config: Path | str, size: dict, seed: int):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    settings = json.loads(Path(template_config).read_text())
+    model_config = json.loads(Path(template_config).read_text())
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype"):
-        settings.pop(key, None)
-    settings.update(size, max_window_layers=size.get("num_hidden_layers", settings["num_hidden_layers"]))
-    if settings["head_dim"] < 32:
-        raise ValueError(f"head_dim {settings['head_dim']} < 32: vLLM's CPU attention needs head_dim >= 32")
+        model_config.pop(key, None)
+    model_config.update(size, max_window_layers=size.get("num_hidden_layers", model_config["num_hidden_layers"]))
+    if model_config["head_dim"] < 32:
+        raise ValueError(f"head_dim {model_config['head_dim']} < 32: vLLM's CPU attention needs head_dim >= 32")
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(Qwen3Config(**settings)).float(), settings
+    return Qwen3ForCausalLM(Qwen3Config(**model_config)).float(), model_config
 
 
 def copy_tokenizer(qwen3_dir: Path | str, out_dir: Path | str) -> None:

@@ -17,7 +17,6 @@ from .cache import ReplyCache, cache_key
 from .contract import (DEFAULT_ALPHA, ERROR_LABELS, KEY_LABELS, LABELS, PROMPT_VERSION, ParseResult, ParseStatus,
                        Segment, build_annotation_prompt, build_token_mask, cap_coverage, label_to_teacher_prefix,
                        labels_for, parse_annotation, segment_response, spans_to_token_mask)
-from .factory import build_annotator
 from .http import HttpAnnotator, HttpAnnotatorConfig, MissingApiKeyError
 from .offsets import completion_text_and_offsets
 
@@ -26,6 +25,6 @@ __all__ = [
     "PromptedAnnotator", "ReplyCache", "cache_key", "DEFAULT_ALPHA", "ERROR_LABELS", "KEY_LABELS", "LABELS",
     "PROMPT_VERSION", "ParseResult", "ParseStatus", "Segment", "build_annotation_prompt", "build_token_mask",
     "cap_coverage", "label_to_teacher_prefix", "labels_for", "parse_annotation", "segment_response",
-    "spans_to_token_mask", "build_annotator", "HttpAnnotator", "HttpAnnotatorConfig", "MissingApiKeyError",
+    "spans_to_token_mask", "HttpAnnotator", "HttpAnnotatorConfig", "MissingApiKeyError",
     "completion_text_and_offsets",
 ]

@@ -34,54 +34,14 @@ from typing import Any, Sequence
 PROMPT_VERSION = "v1"  # bump whenever the prompt text or the reply format changes (it keys the cache)
 DEFAULT_ALPHA = 0.25   # coverage cap |K ∪ E| <= alpha * |y| (paper §2)
 
-# ----------------------------------------------------------------------------------------------
-# Label vocabulary (the paper names only `case_split` and `missed_case`; the rest is ours (?)).
-# ----------------------------------------------------------------------------------------------
-# Each description is written so that it reads well both in the annotator's menu and in the
-# teacher's private prefix.
-KEY_LABELS: dict[str, str] = {
-    "key_insight": "a non-obvious observation or reformulation that unlocks the problem",
-    "correct_setup": "translating the problem into the right variables, equations or model",
-    "case_split": "splitting into exhaustive cases and handling each one",
-    "known_result": "invoking the right theorem, identity or standard formula",
-    "decisive_computation": "the calculation or simplification that actually yields the answer",
-    "self_verification": "checking an intermediate result and catching or fixing a mistake",
-    "other_key_step": "a decisive step of another kind",
-}
-ERROR_LABELS: dict[str, str] = {
-    "misread_problem": "solving a different question than the one asked (wrong target or ignored condition)",
-    "wrong_setup": "variables, equations or model that do not match the problem",
-    "missed_case": "a case, branch, root or boundary condition that was not considered",
-    "wrong_formula": "a misremembered or misapplied theorem, identity or formula",
-    "arithmetic_slip": "a calculation mistake inside otherwise sound reasoning",
-    "sign_error": "a sign that was dropped or flipped",
-    "unjustified_step": "a claim asserted without justification that does not actually hold",
-    "incomplete_solution": "stopping, looping or running out of room before reaching a justified answer",
-    "other_error": "a root-cause error of another kind",
-}
-LABELS: dict[str, str] = {**KEY_LABELS, **ERROR_LABELS}
-FALLBACK_KEY_LABEL = "other_key_step"
-FALLBACK_ERROR_LABEL = "other_error"
-assert not set(KEY_LABELS) & set(ERROR_LABELS), "a label must belong to exactly one kind"
+# The label vocabulary and the teacher's private prefix live with the prompts (trace/prompting.py).
+from trace.prompting import (ERROR_LABELS, FALLBACK_ERROR_LABEL, FALLBACK_KEY_LABEL, KEY_LABELS,  # noqa: E402
+                             LABELS, label_to_teacher_prefix)
 
 
 def labels_for(is_correct: bool) -> dict[str, str]:
     """The labels an annotator may use for a rollout with this verdict."""
     return KEY_LABELS if is_correct else ERROR_LABELS
-
-
-def label_to_teacher_prefix(label: str) -> str:
-    """Private text the teacher is conditioned on: the label and its description only.
-
-    Deliberately carries neither the span text nor span positions (paper §2, step 3).
-    """
-    if label not in LABELS:
-        raise ValueError(f"unknown annotation label {label!r}; expected one of {sorted(LABELS)}")
-    pretty = label.replace("_", " ")
-    if label in KEY_LABELS:
-        return f"Private hint: the decisive step in this problem is of type '{pretty}' ({LABELS[label]})."
-    return (f"Private hint: a likely pitfall in this problem is of type '{pretty}' ({LABELS[label]}); "
-            "reason carefully at that point.")
 
 
 # ----------------------------------------------------------------------------------------------

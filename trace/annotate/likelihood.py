@@ -160,7 +160,7 @@ def response_surprisal(model, tokenizer, contexts: Sequence[str], responses: Seq
     transformer body once per chunk of ``batch_size`` rows, the vocabulary projection only at
     response positions. Rows are processed in length order (less padding) and returned in order.
     """
-    from trace.train.logprobs import completion_hidden_states, gather_logprobs
+    from trace.logprobs import completion_hidden_states, gather_logprobs
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

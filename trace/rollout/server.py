@@ -7,7 +7,7 @@ garbage-collected, or at interpreter exit), and killed with the training job eve
 abruptly (the child asks the kernel for SIGTERM when its parent exits: prctl PR_SET_PDEATHSIG).
 The annotator talks to it through the HTTP backend (trace/annotate/http.py).
 
-Settings (``train.rollout.annotator_server``, all optional): see ``SERVER_DEFAULTS``.
+Settings: ``train.rollout.annotator_server`` (``trace.settings.AnnotatorServer``; defaults in the schema).
 """
 from __future__ import annotations
 
@@ -21,34 +21,14 @@ import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
-from typing import Any, Mapping
+
+from trace.settings import AnnotatorServer
 
 log = logging.getLogger(__name__)
 
-SERVER_DEFAULTS: dict[str, Any] = {
-    "dtype": None,                   # None = train.dtype
-    "max_model_len": None,           # None = the model's limit
-    "gpu_memory_utilization": 0.3,   # GPU only: the server's share (the training process holds the rest)
-    "enforce_eager": True,
-    "kv_cache_gib": 1,               # CPU only (VLLM_CPU_KVCACHE_SPACE)
-    "startup_timeout_s": 900,        # loading a 32B model from a cold disk takes minutes
-    "extra_args": [],                # more `vllm serve` flags, e.g. ["--tensor-parallel-size", "2"]
-    "log": None,                     # file for the server's output; None = a file next to the caches
-}
 # exec vLLM with "SIGTERM me when my parent dies" set (prctl(PR_SET_PDEATHSIG) survives exec)
 _LAUNCHER = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
-
-
-def server_settings(given: Mapping | None, dtype: str) -> dict:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(SERVER_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown settings {unknown} in train.rollout.annotator_server; known: "
-                         f"{sorted(SERVER_DEFAULTS)}")
-    settings = {**SERVER_DEFAULTS, **given}
-    settings["dtype"] = settings["dtype"] or dtype
-    return settings
 
 
 def free_port() -> int:
@@ -69,7 +49,8 @@ def _stop(proc: subprocess.Popen, log_file) -> None:
 
 
 class VLLMServer:
-    def __init__(self, model: Path | str, settings: Mapping, cache_dir: Path | str, seed: int = 0):
+    def __init__(self, model: Path | str, settings: AnnotatorServer, dtype: str, cache_dir: Path | str, seed: int = 0):
+        """``dtype``: the server's (annotator_server.dtype, else train.dtype)."""
         import torch
 
         self.name = str(model)
@@ -77,18 +58,18 @@ class VLLMServer:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = Path(settings["log"] or cache_dir / f"vllm_server_{self.port}.log")
+        self.log_path = Path(settings.log or cache_dir / f"vllm_server_{self.port}.log")
         cmd = [sys.executable, "-c", _LAUNCHER, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", settings["dtype"], "--seed", str(seed), "--generation-config", "vllm"]
-        if settings["max_model_len"]:
-            cmd += ["--max-model-len", str(settings["max_model_len"])]
-        if settings["enforce_eager"]:
+               "--dtype", settings.dtype or dtype, "--seed", str(seed), "--generation-config", "vllm"]
+        if settings.max_model_len:
+            cmd += ["--max-model-len", str(settings.max_model_len)]
+        if settings.enforce_eager:
             cmd.append("--enforce-eager")
         if torch.cuda.is_available():
-            cmd += ["--gpu-memory-utilization", str(settings["gpu_memory_utilization"])]
-        cmd += [str(a) for a in settings["extra_args"]]
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(max(1, round(settings["kv_cache_gib"]))))
+            cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+        cmd += [str(a) for a in settings.extra_args]
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(max(1, round(settings.kv_cache_gib))))
         env.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine its own way
@@ -97,7 +78,7 @@ class VLLMServer:
         self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self._finalizer = weakref.finalize(self, _stop, self.proc, log_file)
         try:
-            self._wait_until_healthy(started + float(settings["startup_timeout_s"]))
+            self._wait_until_healthy(started + float(settings.startup_timeout_s))
         except BaseException:
             self.stop()
             raise

@@ -48,6 +48,8 @@ from typing import Mapping
 
 import torch
 
+from trace.settings import Rollout
+
 from .batch import RolloutBatch, pad_right
 
 log = logging.getLogger(__name__)
@@ -116,16 +118,17 @@ def install_fast_cpu_top_k_top_p() -> None:
 
 
 class VLLMRolloutEngine:
-    def __init__(self, weights: Path | str, tokenizer, sampling: Mapping, settings: Mapping, seed: int,
+    def __init__(self, weights: Path | str, tokenizer, sampling: Mapping, settings: Rollout, dtype: str, seed: int,
                  cache_dir: Path):
-        set_vllm_environment(Path(cache_dir), settings["kv_cache_gib"])
+        """``settings``: train.rollout; ``dtype``: the engine's (train.rollout.dtype, else train.dtype)."""
+        set_vllm_environment(Path(cache_dir), settings.kv_cache_gib)
         from vllm import LLM
 
         self.tokenizer, self.sampling = tokenizer, dict(sampling)
         self.eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         self.cuda = torch.cuda.is_available()
-        self.sleep_level = int(settings["sleep_level"]) if self.cuda and settings["sleep_mode"] else 0
-        gpu = dict(gpu_memory_utilization=settings["gpu_memory_utilization"],
+        self.sleep_level = int(settings.sleep_level) if self.cuda and settings.sleep_mode else 0
+        gpu = dict(gpu_memory_utilization=settings.gpu_memory_utilization,
                    enable_sleep_mode=bool(self.sleep_level)) if self.cuda else {}
         # under torchrun every rank runs its own engine on its own device (LOCAL_RANK) inside the trainer's
         # process group, as TRL's colocate mode and verl do; the default executor would put all on device 0
@@ -134,8 +137,8 @@ class VLLMRolloutEngine:
         if not self.cuda:
             install_fast_cpu_top_k_top_p()
         started = time.perf_counter()
-        self.llm = LLM(model=str(weights), skip_tokenizer_init=True, dtype=settings["dtype"],
-                       max_model_len=settings["max_model_len"], enforce_eager=settings["enforce_eager"], seed=seed,
+        self.llm = LLM(model=str(weights), skip_tokenizer_init=True, dtype=dtype,
+                       max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager, seed=seed,
                        logprobs_mode=LOGPROBS_MODE, generation_config="vllm", **gpu, **launcher)
         _LIVE_ENGINES.append(self.llm)  # never shut down mid-run: see _LIVE_ENGINES
         self.load_s = time.perf_counter() - started

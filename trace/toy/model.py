@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from trace.settings import ToySize
+
 # Qwen3's chat markup, reduced to what the toy world uses; `enable_thinking=False` emits the
 # empty think block exactly like Qwen3's own template, so think-tag handling is exercised.
 CHAT_TEMPLATE = (
@@ -45,22 +47,23 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path):
     return hf_tok
 
 
-def build_model(tokenizer, size: dict, seed: int, out_dir: Path | None = None):
+def build_model(tokenizer, size: ToySize, seed: int, out_dir: Path | None = None):
     """A randomly initialised Qwen3ForCausalLM; ``size`` holds hidden/layers/heads (config.yaml); the
     head width is hidden_size / num_heads unless ``head_dim`` is given (vLLM on CPU needs >= 32)."""
+    size = ToySize.from_mapping(size)  # a mapping (tests) is checked and typed here
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
-        hidden_size=size["hidden_size"],
-        intermediate_size=size["intermediate_size"],
-        num_hidden_layers=size["num_layers"],
-        num_attention_heads=size["num_heads"],
-        num_key_value_heads=size["num_kv_heads"],
-        head_dim=size.get("head_dim") or size["hidden_size"] // size["num_heads"],
-        max_position_embeddings=size.get("max_positions", 512),
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        head_dim=size.head_dim or size.hidden_size // size.num_heads,
+        max_position_embeddings=size.max_positions,
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),

@@ -6,8 +6,8 @@ import logging
 import random
 from pathlib import Path
 
-from trace.annotate.contract import LABELS, label_to_teacher_prefix
-from trace.prompting import reference_context, render_prompt
+from trace.prompting import LABELS, label_to_teacher_prefix, reference_context, render_prompt
+from trace.settings import ToyBaseJob, ToyWorld
 from trace.toy import task
 from trace.toy.model import build_model, train_tokenizer
 from trace.toy.sft import run_sft
@@ -19,23 +19,24 @@ def _write_jsonl(records: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def write_toy_data(cfg: dict, out_dir: Path) -> None:
+def write_toy_data(cfg: ToyWorld, out_dir: Path) -> None:
     """train / val / sft (train + multiple-choice practice) and the five test splits, as JSONL."""
+    cfg = ToyWorld.from_mapping(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed = cfg["seed"]
-    train = task.make_split("train", cfg["n_train"], seed, task.TRAIN_OPS)
+    seed = cfg.seed
+    train = task.make_split("train", cfg.n_train, seed, task.TRAIN_OPS)
     # SFT also practises the multiple-choice format, so the base can answer the OOD split at all;
     # RL trains on arithmetic only, which makes choice_ood a genuine out-of-distribution probe.
     # The SFT demonstrator slips (task.demonstrator_solution); RL and evaluation data stay clean.
     slips = random.Random(f"sft_slips:{seed}")
-    demonstrations = [{**r, "solution": task.demonstrator_solution(r["solution"], slips, cfg["sft_slip_rate"])}
+    demonstrations = [{**r, "solution": task.demonstrator_solution(r["solution"], slips, cfg.sft_slip_rate)}
                       for r in train]
-    sft = (demonstrations + task.make_split("sft_choice", cfg["n_sft_choice"], seed, task.TRAIN_OPS)
-           + privileged_examples(train, cfg.get("sft_privileged_share", 0.0), seed))
-    splits = {"train": train, "sft": sft, "val": task.make_split("val", cfg["n_val"], seed, task.TRAIN_OPS)}
+    sft = (demonstrations + task.make_split("sft_choice", cfg.n_sft_choice, seed, task.TRAIN_OPS)
+           + privileged_examples(train, cfg.sft_privileged_share, seed))
+    splits = {"train": train, "sft": sft, "val": task.make_split("val", cfg.n_val, seed, task.TRAIN_OPS)}
     for name, n_ops in task.TEST_SPLITS.items():
-        splits[name] = task.make_split(name, cfg["n_test"], seed, n_ops)
-    splits[task.OOD_SPLIT] = task.make_split(task.OOD_SPLIT, cfg["n_test"], seed, task.TRAIN_OPS)
+        splits[name] = task.make_split(name, cfg.n_test, seed, n_ops)
+    splits[task.OOD_SPLIT] = task.make_split(task.OOD_SPLIT, cfg.n_test, seed, task.TRAIN_OPS)
     for name, records in splits.items():
         _write_jsonl(records, out_dir / f"{name}.jsonl")
     manifest = {name: len(records) for name, records in splits.items()}
@@ -71,22 +72,23 @@ def privileged_examples(train: list[dict], share: float, seed: int) -> list[dict
     return examples
 
 
-def build_toy_base(cfg: dict, data_dir: Path, out_dir: Path) -> None:
+def build_toy_base(cfg: ToyBaseJob, data_dir: Path, out_dir: Path) -> None:
     """Tokenizer trained on the SFT corpus (chat markup and private turns included) → random tiny
     Qwen3 → SFT. ``sft.steps`` counts steps over the plain examples: with privileged examples in the
     corpus the run is lengthened in proportion, so the plain behaviour the student starts from sees as
     many updates as without them (the log says both numbers)."""
+    cfg = ToyBaseJob.from_mapping(cfg)
     records = [json.loads(line) for line in (data_dir / "sft.jsonl").read_text().splitlines()]
     # a throw-away tokenizer only to render the chat markup once, so the real one learns it too
     markup = train_tokenizer([r["solution"] for r in records[:50]], 64, out_dir / "tokenizer-bootstrap")
-    corpus = [render_prompt(markup, r, cfg["thinking"], system_prefix=r.get("private_context"))
+    corpus = [render_prompt(markup, r, cfg.thinking, system_prefix=r.get("private_context"))
               + r["solution"] + "<|im_end|>" for r in records]
-    tokenizer = train_tokenizer(corpus, cfg["tokenizer_vocab"], out_dir / "tokenizer")
-    model = build_model(tokenizer, cfg["size"], cfg["seed"])
-    sft = cfg["sft"]
+    tokenizer = train_tokenizer(corpus, cfg.tokenizer_vocab, out_dir / "tokenizer")
+    model = build_model(tokenizer, cfg.size, cfg.seed)
+    sft = cfg.sft
     n_plain = sum(1 for r in records if not r.get("private_context"))
-    steps = round(sft["steps"] * len(records) / max(n_plain, 1))
+    steps = round(sft.steps * len(records) / max(n_plain, 1))
     log.info("SFT: %d examples (%d plain, %d with a private turn): %d steps (sft.steps %d over the plain ones)",
-             len(records), n_plain, len(records) - n_plain, steps, sft["steps"])
-    run_sft(model, tokenizer, records, out_dir, steps=steps, batch_size=sft["batch_size"], lr=sft["lr"],
-            warmup=sft["warmup"], weight_decay=sft["weight_decay"], thinking=cfg["thinking"], seed=cfg["seed"])
+             len(records), n_plain, len(records) - n_plain, steps, sft.steps)
+    run_sft(model, tokenizer, records, out_dir, steps=steps, batch_size=sft.batch_size, lr=sft.lr,
+            warmup=sft.warmup, weight_decay=sft.weight_decay, thinking=cfg.thinking, seed=cfg.seed)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from trace.router import RoutedMasks
 from trace.rollout import RolloutBatch
+from trace.settings import TrainRun
 
 OPTIMIZER_DIR = "optimizer_dcp"  # inside a checkpoint folder written under torchrun
 
@@ -272,22 +273,20 @@ def rollout_seed(seed: int, step: int, prompt: int, sample: int) -> int:
     return int(hashlib.sha256(f"{seed}:{step}:{prompt}:{sample}".encode()).hexdigest()[:15], 16)
 
 
-def rollout_options(cfg: dict, dist_: Distributed, step: int, first_prompt: int, n_prompts: int) -> dict:
+def rollout_options(settings: TrainRun, dist_: Distributed, step: int, first_prompt: int, n_prompts: int) -> dict:
     """train.rollout_rng: 'step' = one torch seed per step for the whole batch (a row's samples depend on
     the batch it is in); 'rollout' = each rollout its own generator (rollout_seed), so a rank's share
     reproduces the one-process rollouts; 'auto' = step in one plain process, rollout under torchrun."""
     seeds = None
-    if seeds_per_rollout(cfg, dist_):
-        seeds = [rollout_seed(cfg["seed"], step, first_prompt + i, j)
-                 for i in range(n_prompts) for j in range(cfg["group_size"])]
+    if seeds_per_rollout(settings, dist_):
+        seeds = [rollout_seed(settings.seed, step, first_prompt + i, j)
+                 for i in range(n_prompts) for j in range(settings.group_size)]
     return dict(row_seeds=seeds, synced=dist_.active)
 
 
-def seeds_per_rollout(cfg: dict, dist_: Distributed) -> bool:
+def seeds_per_rollout(settings: TrainRun, dist_: Distributed) -> bool:
     """Whether train.rollout_rng gives each rollout its own generator (see rollout_options)."""
-    mode = cfg.get("rollout_rng", "auto")
-    if mode not in ("auto", "step", "rollout"):
-        raise ValueError(f"train.rollout_rng must be auto | step | rollout, not {mode!r}")
+    mode = settings.rollout_rng  # auto | step | rollout (the schema)
     return mode == "rollout" or (mode == "auto" and dist_.active)
 
 

@@ -21,13 +21,39 @@ Nothing here draws random numbers, so probing leaves the training trajectory unc
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from trace.logprobs import completion_hidden_states, gather_logprobs
 from trace.losses import tokens_from_positions
+from trace.prompting import teacher_prompt
 from trace.router import build_routed_masks
-from trace.train.logprobs import completion_hidden_states, gather_logprobs
-from trace.train.teacher import teacher_prompt
+from trace.settings import TrainRun
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbedPolicy:
+    """What the probe reads of a run: its live policy, how the run scores tokens, and its process group."""
+    policy: torch.nn.Module
+    tokenizer: Any
+    dist: Any                  # trace.train.distributed.Distributed
+    temperature: float
+    logprob_chunk: int
+    micro_batch_size: int
+    thinking: bool
+    alpha: float
+
+    @classmethod
+    def of(cls, settings: TrainRun, policy, tokenizer, dist) -> "ProbedPolicy":
+        return cls(policy, tokenizer, dist, settings.sampling.temperature, settings.logprob_chunk,
+                   settings.micro_batch_size, settings.thinking, settings.kl.alpha)
+
+    def logprobs(self, rollouts, prompts=None) -> torch.Tensor:
+        """log π of the rollouts' tokens [B, T]; ``prompts`` None = the student's own prompts."""
+        return _batched_logprobs(self.policy, self.tokenizer, prompts, rollouts, self.temperature,
+                                 self.logprob_chunk, self.micro_batch_size)
 
 
 @dataclasses.dataclass
@@ -79,35 +105,31 @@ def _batched_logprobs(model, tokenizer, prompts, rollouts, temperature, chunk, m
     return torch.cat(out)
 
 
-def probe_before_update(trainer, records: list[dict], rollouts, correct: torch.Tensor) -> ProbeState:
-    """Annotate the step's rollouts and score them under the student and TRACE's teacher (no grad)."""
-    cfg = trainer.cfg
-    temperature, chunk, micro = cfg["sampling"]["temperature"], cfg["logprob_chunk"], cfg["micro_batch_size"]
-    key, error, prefixes, _ = trainer.annotate(records, rollouts, correct)  # trainer.probe_annotator's spans
+def probe_before_update(probed: ProbedPolicy, records: list[dict], rollouts, correct: torch.Tensor,
+                        key: torch.Tensor, error: torch.Tensor, prefixes: list[str | None]) -> ProbeState:
+    """Score the step's annotated rollouts (``key`` / ``error`` spans and the label ``prefixes`` from the
+    run's annotator) under the student and TRACE's teacher (no grad)."""
     mask = rollouts.completion_mask.bool()
-    capped = build_routed_masks("annotated", mask.cpu(), correct.cpu(), key.cpu(), error.cpu(), cfg["kl"]["alpha"])
+    capped = build_routed_masks("annotated", mask.cpu(), correct.cpu(), key.cpu(), error.cpu(), probed.alpha)
     spans = (capped.key | capped.error).to(mask.device)
-    student = _batched_logprobs(trainer.policy, trainer.tokenizer, None, rollouts, temperature, chunk, micro)
-    teacher_prompts = [teacher_prompt(trainer.tokenizer, r, "label", p, cfg["thinking"])
+    student = probed.logprobs(rollouts)
+    teacher_prompts = [teacher_prompt(probed.tokenizer, r, "label", p, probed.thinking)
                        for r, p in zip(records, prefixes)]
-    teacher = _batched_logprobs(trainer.policy, trainer.tokenizer, teacher_prompts, rollouts, temperature, chunk,
-                                micro)
+    teacher = probed.logprobs(rollouts, teacher_prompts)
     supported = capped.key.to(mask.device) & (teacher > student)
     with_span = spans.any(dim=1).nonzero()
-    trainer.dist.reshard(trainer.policy)
+    probed.dist.reshard(probed.policy)
     return ProbeState(student, mask, spans, supported, int(with_span[0]) if len(with_span) else None)
 
 
-def probe_after_update(trainer, rollouts, state: ProbeState) -> dict:
+def probe_after_update(probed: ProbedPolicy, rollouts, state: ProbeState) -> dict:
     """The step's metrics row entries (``probe/*``) and one rollout's credit map for Fig 6."""
-    cfg = trainer.cfg
-    after = _batched_logprobs(trainer.policy, trainer.tokenizer, None, rollouts, cfg["sampling"]["temperature"],
-                              cfg["logprob_chunk"], cfg["micro_batch_size"])
-    trainer.dist.reshard(trainer.policy)
+    after = probed.logprobs(rollouts)
+    probed.dist.reshard(probed.policy)
     change = (after - state.logp_before).float()
     credit = change.abs()
     inside, outside = state.spans & state.mask, ~state.spans & state.mask
-    dist_ = trainer.dist  # under torchrun: this rank's rollouts; the means and counts are over all ranks
+    dist_ = probed.dist  # under torchrun: this rank's rollouts; the means and counts are over all ranks
     row = {"probe/credit_inside": _masked_mean(dist_, credit, inside),
            "probe/credit_outside": _masked_mean(dist_, credit, outside),
            "probe/logprob_lift_key_supported": _masked_mean(dist_, change, state.supported_key),
@@ -120,7 +142,7 @@ def probe_after_update(trainer, rollouts, state: ProbeState) -> dict:
         i, length = state.map_row, int(state.mask[state.map_row].sum())
         ids = rollouts.completion_ids[i, :length].tolist()
         credit_map = {"rollout": dist_.rank * len(rollouts.texts) + i,  # ranks hold contiguous shares
-                      "tokens": trainer.tokenizer.convert_ids_to_tokens(ids),
+                      "tokens": probed.tokenizer.convert_ids_to_tokens(ids),
                       "credit": [round(float(c), 6) for c in credit[i, :length]],
                       "span": [int(s) for s in state.spans[i, :length]]}
     # the first rollout with a span over all ranks, as one process would pick it
@@ -153,8 +175,6 @@ class FixedProbeBatch:
 
 def load_fixed_batch(path, tokenizer, device) -> FixedProbeBatch:
     """The teacher check's probe batch (torch.save of plain tensors, lists and strings)."""
-    from pathlib import Path
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"probe batch {path} does not exist (the teacher_gap rule writes it)")
     saved = torch.load(path, weights_only=True)
@@ -168,17 +188,16 @@ def load_fixed_batch(path, tokenizer, device) -> FixedProbeBatch:
 
 
 @torch.no_grad()
-def fixed_batch_scores(trainer, batch: FixedProbeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fixed_batch_scores(probed: ProbedPolicy, batch: FixedProbeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log π of every sampled token [B, T], log π(c) [E] and log π(w) [E] at the first errors), by the
     current policy. Every rank scores the whole batch (the sharded policy runs its forward on all ranks)."""
-    cfg = trainer.cfg
-    temperature, chunk, micro = cfg["sampling"]["temperature"], cfg["logprob_chunk"], cfg["micro_batch_size"]
-    W = trainer.policy.get_output_embeddings().weight
+    temperature, chunk, micro = probed.temperature, probed.logprob_chunk, probed.micro_batch_size
+    W = probed.policy.get_output_embeddings().weight
     sampled, correct, wrong = [], torch.zeros(len(batch.error_rows)), torch.zeros(len(batch.error_rows))
     for rows in row_slices(batch.completion_ids.shape[0], micro):
         mask = batch.completion_mask[rows].bool()
         hidden = completion_hidden_states(
-            trainer.policy, torch.cat([batch.prompt_ids[rows], batch.completion_ids[rows]], 1),
+            probed.policy, torch.cat([batch.prompt_ids[rows], batch.completion_ids[rows]], 1),
             torch.cat([batch.prompt_mask[rows], batch.completion_mask[rows]], 1), batch.prompt_ids.shape[1])
         logp, _ = gather_logprobs(hidden[mask], W, batch.completion_ids[rows][mask], temperature, chunk)
         sampled.append(tokens_from_positions(logp, mask))
@@ -189,7 +208,7 @@ def fixed_batch_scores(trainer, batch: FixedProbeBatch) -> tuple[torch.Tensor, t
             correct[here] = logp_all.gather(-1, batch.correct_ids[here].unsqueeze(-1)).squeeze(-1)
             wrong_ids = batch.completion_ids[batch.error_rows[here], batch.error_positions[here]].cpu()
             wrong[here] = logp_all.gather(-1, wrong_ids.unsqueeze(-1)).squeeze(-1)
-    trainer.dist.reshard(trainer.policy)
+    probed.dist.reshard(probed.policy)
     return torch.cat(sampled), correct, wrong
 
 

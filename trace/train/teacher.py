@@ -11,9 +11,9 @@ import copy
 import torch
 
 from trace.losses import ema_update
-from trace.prompting import reference_context, render_prompt
+from trace.logprobs import completion_hidden_states
 from trace.schedule import teacher_sync_due
-from trace.train.logprobs import completion_hidden_states
+
 
 class Teacher:
     def __init__(self, student, mode: str, sync_every: int = 10, ema_rate: float = 0.05):
@@ -41,19 +41,3 @@ class Teacher:
         input_ids = torch.cat([enc["input_ids"], completion_ids], dim=1)
         attention = torch.cat([enc["attention_mask"], completion_mask], dim=1)
         return completion_hidden_states(self.model, input_ids, attention, enc["input_ids"].shape[1])
-
-
-def teacher_prompt(tokenizer, record: dict, context: str, label_prefix: str | None, thinking: bool) -> str:
-    """The teacher's prompt for one rollout: the student's prompt plus a private system turn.
-
-    context='label': TRACE's diagnostic type label (no span text, no positions); a rollout without an
-    annotation gets the plain student prompt (it has no routed tokens anyway).
-    context='reference': the reference solution (SDPO/SRPO/RLSD-style privileged information).
-    """
-    if context == "label":
-        prefix = label_prefix
-    elif context == "reference":
-        prefix = reference_context(record)
-    else:
-        raise ValueError(f"unknown teacher context {context!r} (method.teacher_context): label | reference")
-    return render_prompt(tokenizer, record, thinking, system_prefix=prefix)

@@ -46,14 +46,16 @@ from pathlib import Path
 
 import torch
 
+from trace.annotate.setup import annotator_for
 from trace.evaluation.metrics import bootstrap_ci
+from trace.logprobs import completion_hidden_states
 from trace.losses import DIVERGENCES, LOGP_FLOOR, entry_clip_scale
-from trace.prompting import render_prompt
+from trace.prompting import render_prompt, teacher_prompt
 from trace.router import build_routed_masks
+from trace.settings import TeacherGapJob, Validation, replace
 from trace.train.distributed import rollout_options
-from trace.train.logprobs import completion_hidden_states
 from trace.train.probe import row_slices
-from trace.train.teacher import teacher_prompt
+from trace.train.trainer import Trainer
 from trace.verify import grade_many
 
 log = logging.getLogger(__name__)
@@ -195,32 +197,32 @@ def measure(trainer, context: str, n_prompts: int, seed: int) -> tuple[dict, dic
     """The statistics (module docstring) and the fixed probe batch, for one teacher context."""
     if context not in CONTEXTS:
         raise ValueError(f"teacher context must be one of {CONTEXTS}, got {context!r}")
-    cfg, tokenizer, G = trainer.cfg, trainer.tokenizer, trainer.cfg["group_size"]
-    temperature, chunk, micro = cfg["sampling"]["temperature"], cfg["logprob_chunk"], cfg["micro_batch_size"]
+    settings, tokenizer, G = trainer.settings, trainer.tokenizer, trainer.settings.group_size
+    temperature, chunk, micro = settings.sampling.temperature, settings.logprob_chunk, settings.micro_batch_size
     started = time.time()
     if n_prompts > len(trainer.records):
         raise ValueError(f"teacher_check.n_prompts = {n_prompts} but the training data has {len(trainer.records)} "
                          "problems")
     problems = random.Random(f"teacher_gap:{seed}").sample(trainer.records, n_prompts)
     records = [r for r in problems for _ in range(G)]
-    plain = [render_prompt(tokenizer, r, cfg["thinking"]) for r in problems]
+    plain = [render_prompt(tokenizer, r, settings.thinking) for r in problems]
     torch.manual_seed(seed * 1_000_003 + STREAM)
     rollouts = trainer.engine.generate(trainer.policy, plain, G,
-                                       **rollout_options(cfg, trainer.dist, STREAM, 0, len(plain)))
+                                       **rollout_options(settings, trainer.dist, STREAM, 0, len(plain)))
     correct = torch.tensor(grade_many(rollouts.texts, [r["answer"] for r in records],
                                       [r.get("kind", "math") for r in records]))
     key, error, prefixes, annotation_stats = trainer.annotate(records, rollouts, correct.to(trainer.device))
     mask = rollouts.completion_mask.bool().cpu()
-    capped = build_routed_masks("annotated", mask, correct, key.cpu(), error.cpu(), cfg["kl"]["alpha"])
+    capped = build_routed_masks("annotated", mask, correct, key.cpu(), error.cpu(), settings.kl.alpha)
     first_errors = first_error_positions(tokenizer, records, rollouts, correct, capped.error, trainer.engine.eos_id)
     extra = torch.full(mask.shape, -1, dtype=torch.long)
     for row, position, token in first_errors:
         extra[row, position] = token
-    student_prompts = [render_prompt(tokenizer, r, cfg["thinking"]) for r in records]
-    teacher_prompts = [teacher_prompt(tokenizer, r, context, p, cfg["thinking"]) for r, p in zip(records, prefixes)]
+    student_prompts = [render_prompt(tokenizer, r, settings.thinking) for r in records]
+    teacher_prompts = [teacher_prompt(tokenizer, r, context, p, settings.thinking) for r, p in zip(records, prefixes)]
     scores = score_tokens(trainer.policy, tokenizer, student_prompts, teacher_prompts,
                           rollouts.completion_ids, rollouts.completion_mask, extra.to(rollouts.completion_ids.device),
-                          temperature, chunk, micro, cfg["kl"]["entry_clip"])
+                          temperature, chunk, micro, settings.kl.entry_clip)
     delta = scores["q"] - scores["p"]
     known = [(r, t) for r, t, c in first_errors if c >= 0]
     spans = (capped.key | capped.error) & mask
@@ -251,7 +253,7 @@ def measure(trainer, context: str, n_prompts: int, seed: int) -> tuple[dict, dic
     stats["verdict"], stats["verdict_basis"] = verdict(stats)
     stats.update(context=context, n_problems=n_prompts, n_rollouts=len(records), rollout_accuracy=float(correct.float().mean()),
                  n_first_errors=len(first_errors), n_first_errors_with_correct_token=len(known),
-                 annotator=cfg["annotator"].get("tier"), annotation={k: v for k, v in annotation_stats.items()
+                 annotator=settings.annotator.tier, annotation={k: v for k, v in annotation_stats.items()
                                                                    if isinstance(v, (int, float))},
                  wall_s=round(time.time() - started, 2))
     probe_batch = {"prompts": student_prompts, "completion_ids": rollouts.completion_ids.cpu(),
@@ -266,7 +268,7 @@ def _accuracy_with_teacher_prompt(trainer, problems, records, correct, teacher_p
                                   seed) -> dict:
     """Accuracy from the plain prompt (the batch's rollouts) vs from the teacher's prompt, on the problems
     that have a private turn (label: an annotated rollout; reference: a reference solution)."""
-    G = trainer.cfg["group_size"]
+    G = trainer.settings.group_size
     chosen, prompts = [], []
     for i in range(len(problems)):
         rows = range(i * G, (i + 1) * G)
@@ -278,7 +280,7 @@ def _accuracy_with_teacher_prompt(trainer, problems, records, correct, teacher_p
         return {"accuracy_plain": None, "accuracy_teacher_prompt": None, "accuracy_problems": 0}
     torch.manual_seed(seed * 1_000_003 + STREAM + 1)
     texts = trainer.engine.generate(trainer.policy, prompts, G,
-                                    **rollout_options(trainer.cfg, trainer.dist, STREAM + 1, 0, len(prompts))).texts
+                                    **rollout_options(trainer.settings, trainer.dist, STREAM + 1, 0, len(prompts))).texts
     grades = grade_many(texts, [problems[i]["answer"] for i in chosen for _ in range(G)],
                         [problems[i].get("kind", "math") for i in chosen for _ in range(G)])
     plain = [float(correct[i * G:(i + 1) * G].float().mean()) for i in chosen]
@@ -287,24 +289,23 @@ def _accuracy_with_teacher_prompt(trainer, problems, records, correct, teacher_p
             "accuracy_problems": len(chosen)}
 
 
-def run_teacher_gap(cfg: dict, base_model: Path, train_path: Path, out_file: Path,
+def run_teacher_gap(job: TeacherGapJob, base_model: Path, train_path: Path, out_file: Path,
                     probe_batch_file: Path | None = None) -> dict:
     """The teacher check for one base model and teacher context: JSON to ``out_file`` (and, for the label
     context, the fixed probe batch to ``probe_batch_file``)."""
-    from trace.annotate.setup import annotator_for
-    from trace.train.trainer import Trainer
-
-    check, context = cfg["teacher_check"], cfg["context"]
-    train = {**cfg["train"], "method": "grpo", "probe": {"steps": []}, "validation": {}}
-    if check.get("engine"):
-        train["rollout"] = {**(train.get("rollout") or {}), "engine": check["engine"]}
+    job = TeacherGapJob.from_mapping(job)
+    check, context = job.teacher_check, job.context
+    # the base's own rollouts (GRPO: no teacher, nothing probed or validated), annotated as TRACE would be
+    train = replace(job.train, method="grpo", probe={"steps": ()}, validation=Validation.from_mapping({}))
+    if check.engine:
+        train = replace(train, rollout={"engine": check.engine})
     out_file = Path(out_file)
     trainer = Trainer(train, Path(base_model), Path(train_path), out_file.parent / f"work-{context}")
-    trainer.annotator = annotator_for({**train, "method": "trace_fkl"}, Path(base_model), policy=trainer.policy,
+    trainer.annotator = annotator_for(replace(train, method="trace_fkl"), Path(base_model), policy=trainer.policy,
                                       tokenizer=trainer.tokenizer, engine=trainer.engine)
     trainer.policy.eval()
-    stats, probe_batch = measure(trainer, context, check["n_prompts"], check.get("seed", 0))
-    stats["model"] = cfg.get("model", Path(base_model).name)
+    stats, probe_batch = measure(trainer, context, check.n_prompts, check.seed)
+    stats["model"] = job.model or Path(base_model).name
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     if probe_batch_file is not None:

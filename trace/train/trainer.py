@@ -9,13 +9,13 @@ Read ``train_step`` top to bottom; each paper concept is one named thing:
   schedule  -> trace.schedule.LambdaSchedule (λ_k, ρ_k, when the teacher can be switched off)
   corner    -> trace.router.CORNERS (μ_E, μ_K)
   loss      -> trace.losses.trace_objective (Eq. 1) and the baselines' objectives
-  validation -> Trainer.validate: mean@k on a held-out split every ``validation.every`` steps
+  objective -> trace.train.objectives.OBJECTIVES (per MethodSpec.objective; GRPO once the teacher is off)
+  validation -> trace.train.validation.HeldOutValidation: mean@k on a held-out split every ``validation.every`` steps
   mechanism probe -> trace.train.probe (Fig 6 credit concentration, one-step log-prob lift)
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import hashlib
 import json
@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 from tqdm import tqdm
@@ -32,96 +33,49 @@ from tqdm import tqdm
 from trace import losses
 from trace.annotate.backends import AnnotationRequest
 from trace.annotate.offsets import completion_text_and_offsets
-from trace.evaluation.metrics import avg_at_k, bootstrap_ci, per_problem_accuracy
+from trace.annotate.setup import annotator_for
+from trace.logprobs import completion_hidden_states, gather_logprobs
 from trace.methods import MethodSpec, get_method
-from trace.prompting import render_prompt
+from trace.prompting import render_prompt, teacher_prompt
 from trace.rollout import RolloutBatch, build_engine
-from trace.router import CORNERS, RoutedMasks, build_routed_masks
+from trace.router import RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
-from trace.train.distributed import (Distributed, rollout_options, rollout_seed, seeds_per_rollout, token_budget_plan,
-                                     trim_micro_batch)
-from trace.train.logprobs import completion_hidden_states, gather_logprobs
-from trace.train.probe import (fixed_batch_row, fixed_batch_scores, load_fixed_batch, probe_after_update,
-                               probe_before_update)
-from trace.train.teacher import Teacher, teacher_prompt
+from trace.settings import TrainRun, replace
+from trace.train.distributed import Distributed, rollout_options, token_budget_plan, trim_micro_batch
+from trace.train.objectives import MicroBatch, objective_for
+from trace.train.probe import (ProbedPolicy, fixed_batch_row, fixed_batch_scores, load_fixed_batch,
+                               probe_after_update, probe_before_update)
+from trace.train.run_files import RunDir, load_records, require_model_folder
+from trace.train.teacher import Teacher
+from trace.train.validation import HeldOutValidation
 from trace.verify import grade_many
 
 log = logging.getLogger(__name__)
 
 
-class RunDir:
-    """Layout of one run: ``work/`` survives a killed job (Snakemake never deletes it)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.work = self.root / "work"
-        self.checkpoint = self.work / "checkpoint"
-        self.live_metrics = self.work / "metrics.jsonl"
-        self.model = self.root / "model"
-        self.metrics = self.root / "metrics.jsonl"
-        self.best = self.work / "best"  # validation.select best: the best-on-validation policy so far
-        self.last = self.work / "last"  # validation.select best: the last policy (model/ holds the best)
-
-    @property
-    def trainer_state(self) -> Path:
-        return self.checkpoint / "trainer_state.pt"
-
-    def load_trainer_state(self) -> dict:
-        """The checkpoint's trainer state: tensors and plain types only (weights_only=True: a swapped
-        file cannot run code)."""
-        return self.load_checkpoint_part("trainer state",
-                                         lambda: torch.load(self.trainer_state, weights_only=True), self.trainer_state)
-
-    def load_checkpoint_part(self, what: str, load, path: Path):
-        """load(), or one clear line naming the file and what to do (no traceback from a library)."""
-        try:
-            return load()
-        except Exception as exc:  # noqa: BLE001 - any failure here means an unusable checkpoint
-            detail = " ".join(str(exc).split())[:300]
-            raise ValueError(f"checkpoint {what} {path} cannot be loaded ({type(exc).__name__}: {detail}); "
-                             f"delete {self.work} to train this run from step 0") from None
-
-
-def load_records(path: Path, what: str = "training data") -> list[dict]:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{what} {path} does not exist (run the data rule first)")
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{what} {path} line {number} is not valid JSON ({exc.msg} at column "
-                                 f"{exc.colno}; a truncated file?): rerun the data rule that writes it") from None
-    return records
-
-
-def require_model_folder(path: Path, what: str) -> None:
-    """A local Hugging Face folder, or one clear error (not the hub's "Repo id must be in the form")."""
-    if not (Path(path) / "config.json").is_file():
-        problem = "does not exist" if not Path(path).exists() else "has no config.json"
-        raise FileNotFoundError(f"{what} folder {path} {problem}: build it first (its Snakemake rule) "
-                                "or fix the path")
-
-
-VALIDATION_DEFAULTS = {"every": 0, "n_problems": None, "k": 4, "sampling": {}, "select": "last"}
+Reward = Callable[[list[str], list[str], list[str]], list[bool]]  # (texts, answers, kinds) -> correct
 
 
 class Trainer:
-    def __init__(self, cfg: dict, base_model: Path, train_path: Path, run_dir: Path, annotator=None,
-                 val_path: Path | None = None, engine=None, probe_batch: Path | None = None):
+    """One RL run. ``settings``: the run's TrainRun (a mapping is checked and typed once, here);
+    ``reward``: the verifiable reward (the evaluation's grader unless a caller, e.g. the bench, brings its own)."""
+
+    def __init__(self, settings: TrainRun | Mapping, base_model: Path, train_path: Path, run_dir: Path,
+                 annotator=None, val_path: Path | None = None, engine=None, probe_batch: Path | None = None,
+                 reward: Reward = grade_many):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         require_model_folder(base_model, "base model (--base)")
-        self.cfg, self.run = cfg, RunDir(run_dir)
-        self.method: MethodSpec = get_method(cfg["method"])
+        settings = TrainRun.from_mapping(settings)
+        self.settings, self.run, self.reward = settings, RunDir(run_dir), reward
+        self.method: MethodSpec = get_method(settings.method)
         self.records = [r for r in load_records(train_path) if r.get("answer") not in (None, "")]
-        self.dist = Distributed(cfg.get("device", "auto"))  # one plain process unless launched by torchrun
+        self.dist = Distributed(settings.device)  # one plain process unless launched by torchrun
         self.device = self.dist.device
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
-        self.fingerprint = run_fingerprint(cfg, base_model)
+        self.fingerprint = run_fingerprint(settings, base_model)
         self.start_step = self._resume_step()
-        dtype = getattr(torch, cfg.get("dtype", "float32"))
+        dtype = getattr(torch, settings.dtype)
         weights = self.run.checkpoint if self.start_step > 0 else base_model
 
         def load_policy():  # under torchrun: fp32 master weights, then sharded by prepare
@@ -129,16 +83,16 @@ class Trainer:
 
         policy = (self.run.load_checkpoint_part("weights", load_policy, weights) if self.start_step > 0
                   else load_policy())
-        self.policy = self.dist.prepare(policy, dtype, cfg.get("activation_checkpointing", False))
+        self.policy = self.dist.prepare(policy, dtype, settings.activation_checkpointing)
         self.policy.config.use_cache = True
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
-                                           weight_decay=cfg["weight_decay"])
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=settings.lr, betas=tuple(settings.adam_betas),
+                                           weight_decay=settings.weight_decay)
         # engine=: an engine built elsewhere (tests share one vLLM engine); it first takes this policy's weights
-        self.engine = engine or build_engine(cfg, self.tokenizer, weights, self.run.work)
+        self.engine = engine or build_engine(settings, self.tokenizer, weights, self.run.work)
         if engine is not None:
             engine.sync_weights(self.policy)
-        kl = cfg["kl"]
-        self.schedule = LambdaSchedule(self.method.schedule, kl["w0"], kl["warmup"], kl["end"])
+        kl = settings.kl
+        self.schedule = LambdaSchedule(self.method.schedule, kl.w0, kl.warmup, kl.end)
         self.teacher = None
         if self.method.uses_teacher and self.schedule.teacher_forward_needed(self.start_step):
             # frozen = the initial student: load the base weights even when resuming. A sharded policy
@@ -147,26 +101,23 @@ class Trainer:
             source = (AutoModelForCausalLM.from_pretrained(base_model if frozen else weights,
                                                            dtype=self.dist.storage_dtype(dtype)).to(self.device)
                       if frozen or self.dist.active else self.policy)
-            self.teacher = Teacher(source, self.method.teacher, kl["teacher_sync_every"], kl["ema_rate"])
+            self.teacher = Teacher(source, self.method.teacher, kl.teacher_sync_every, kl.ema_rate)
             self.teacher.model = self.dist.prepare(self.teacher.model, dtype)
         # mechanism probe steps (train.probe.steps): the same for every method, annotated for every method
-        self.probe_steps = {s for s in (cfg.get("probe") or {}).get("steps", []) if s >= self.start_step}
+        self.probe_steps = {s for s in settings.probe.steps if s >= self.start_step}
         # the teacher check's fixed batch: the same base rollouts probed for every method (probe.py)
         self.fixed_probe = (load_fixed_batch(probe_batch, self.tokenizer, self.device)
                             if probe_batch is not None and self.probe_steps else None)
         if annotator is None and ((self.method.needs_annotation and self.teacher is not None) or self.probe_steps):
             # the configured tier (train.annotator), built here: the self tier annotates with the live policy;
             # methods that route without spans get the tier TRACE would use, for the probe only
-            from trace.annotate.setup import annotator_for
-
-            as_trace = cfg if self.method.needs_annotation else {**cfg, "method": "trace_fkl"}
+            as_trace = settings if self.method.needs_annotation else replace(settings, method="trace_fkl")
             annotator = annotator_for(as_trace, base_model, policy=self.policy, tokenizer=self.tokenizer,
                                       engine=self.engine)
             if annotator is None:
-                raise ValueError(f"method {cfg['method']!r} routes on annotated spans: configure an annotator")
+                raise ValueError(f"method {settings.method!r} routes on annotated spans: configure an annotator")
         self.annotator = annotator
-        self.val_settings, self.val_records = validation_setup(cfg.get("validation") or {}, val_path)
-        self.val_best = self._best_so_far()
+        self.validation = HeldOutValidation(settings, val_path, self.run, self.start_step, reward)
         if self.start_step > 0:
             self._load_trainer_state()
 
@@ -215,65 +166,11 @@ class Trainer:
             tmp.rename(self.run.checkpoint)
         self.dist.barrier()
 
-    # ------------------------------------------------------------------ validation (Figs 3/4/7)
-    def validation_due(self, step: int) -> bool:
-        every = self.val_settings["every"]
-        return bool(self.val_records) and ((step + 1) % every == 0 or step + 1 == self.cfg["steps"])
-
-    @torch.no_grad()
-    def validate(self, step: int) -> dict:
-        """mean@k of the policy after step ``step``'s update on the first n validation problems:
-        k samples per problem from the rollout engine, graded by the training reward's grader."""
-        started, k = time.time(), self.val_settings["k"]
-        engine = copy.copy(self.engine)  # the training engine; its sampling with validation's overrides
-        engine.sampling = {**self.cfg["sampling"], **self.val_settings["sampling"]}
-        stream = 500_000 + step  # apart from training's streams
-        torch.manual_seed(self.cfg["seed"] * 1_000_003 + stream)
-        per_rollout = seeds_per_rollout(self.cfg, self.dist)  # then any number of ranks draws the same samples
-        mine = self.dist.share_padded(self.val_records)  # under torchrun each rank validates its share
-        graded: dict[int, list[bool]] = {}
-        for start in range(0, len(mine), self.cfg["batch_prompts"]):
-            chunk = mine[start:start + self.cfg["batch_prompts"]]
-            seeds = ([rollout_seed(self.cfg["seed"], stream, i or 0, j) for i, _ in chunk for j in range(k)]
-                     if per_rollout else None)
-            texts = engine.generate(self.policy, [render_prompt(self.tokenizer, r, self.cfg["thinking"])
-                                                  for _, r in chunk], k, row_seeds=seeds, synced=self.dist.active).texts
-            grades = grade_many(texts, [r["answer"] for _, r in chunk for _ in range(k)],
-                                [r.get("kind", "math") for _, r in chunk for _ in range(k)])
-            graded.update({i: grades[n * k:(n + 1) * k] for n, (i, _) in enumerate(chunk) if i is not None})
-        self.dist.reshard(self.policy)
-        merged = {i: g for part in self.dist.gather_objects(graded) for i, g in part.items()}
-        correct = [merged[i] for i in range(len(self.val_records))]
-        low, high = bootstrap_ci(per_problem_accuracy(correct))
-        return {"val/mean_at_k": avg_at_k(correct), "val/ci95_low": low, "val/ci95_high": high, "val/k": k,
-                "val/n_problems": len(correct), "val_s": round(time.time() - started, 3)}
-
-    def _best_so_far(self) -> dict | None:
-        """The best validated policy of THIS run (a fresh start forgets an earlier attempt's)."""
-        if self.start_step == 0:
-            shutil.rmtree(self.run.best, ignore_errors=True)
-        info = self.run.best / "validation.json"
-        return json.loads(info.read_text()) if info.exists() else None
-
-    def _keep_if_best(self, step: int, row: dict) -> None:
-        """validation.select best: save the policy when its score beats every earlier one (ties keep
-        the earlier step), atomically like the checkpoint."""
-        if self.val_best is not None and row["val/mean_at_k"] <= self.val_best["val/mean_at_k"]:
-            return
-        self.val_best = {"step": step, "val/mean_at_k": row["val/mean_at_k"]}  # the same on every rank
-        tmp = self.run.work / "best.tmp"
-        self._save_policy(tmp)
-        if self.dist.is_main:
-            (tmp / "validation.json").write_text(json.dumps(self.val_best) + "\n")
-            shutil.rmtree(self.run.best, ignore_errors=True)
-            tmp.rename(self.run.best)
-        self.dist.barrier()
-
     # ------------------------------------------------------------------ one step
     def sample_prompts(self, step: int) -> list[dict]:
         """The step's prompts depend only on (seed, step), so a resumed run sees the same data."""
-        rng = random.Random(f"{self.cfg['seed']}:{step}")
-        return rng.sample(self.records, self.cfg["batch_prompts"])
+        rng = random.Random(f"{self.settings.seed}:{step}")
+        return rng.sample(self.records, self.settings.batch_prompts)
 
     def annotate(self, records: list[dict], rollouts: RolloutBatch, correct: torch.Tensor):
         """Key/error token masks [B, T] and the teacher's label prefix per rollout."""
@@ -309,32 +206,32 @@ class Trainer:
         prefixes, stats = [None] * len(records), {}
         if self.method.needs_annotation:
             key, error, prefixes, stats = self.annotate(records, rollouts, correct)
-        generator = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + step)
-        alpha = self.cfg["kl"]["alpha"]
+        generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + step)
+        alpha = self.settings.kl.alpha
         routed = build_routed_masks(self.method.routing, mask.cpu(), correct.cpu(), key.cpu(), error.cpu(),
                                     alpha, generator)
         routed = RoutedMasks(routed.key.to(self.device), routed.error.to(self.device), routed.rest.to(self.device))
         return routed, prefixes, stats
 
     def train_step(self, step: int) -> dict:
-        cfg, G = self.cfg, self.cfg["group_size"]
+        settings, G = self.settings, self.settings.group_size
         started = time.time()
-        torch.manual_seed(cfg["seed"] * 1_000_003 + step)
+        torch.manual_seed(settings.seed * 1_000_003 + step)
 
         # 1. rollouts from the current policy, G per prompt
         first, prompt_records = self.dist.share(self.sample_prompts(step))  # this rank's whole groups
         records = [r for r in prompt_records for _ in range(G)]
-        prompts = [render_prompt(self.tokenizer, r, cfg["thinking"]) for r in prompt_records]
+        prompts = [render_prompt(self.tokenizer, r, settings.thinking) for r in prompt_records]
         rollouts = self.engine.generate(self.policy, prompts, G,
-                                        **rollout_options(cfg, self.dist, step, first, len(prompts)))
+                                        **rollout_options(settings, self.dist, step, first, len(prompts)))
         self.dist.reshard(self.policy)
         t_rollout = time.time() - started
 
         # 2. verifiable reward and group-normalised advantages
-        correct = torch.tensor(grade_many(rollouts.texts, [r["answer"] for r in records],
-                                          [r.get("kind", "math") for r in records]), device=self.device)
+        correct = torch.tensor(self.reward(rollouts.texts, [r["answer"] for r in records],
+                                           [r.get("kind", "math") for r in records]), device=self.device)
         rewards = correct.float()
-        advantages = losses.ADVANTAGE_ESTIMATORS[cfg["advantage"]](rewards, G)
+        advantages = losses.ADVANTAGE_ESTIMATORS[settings.advantage](rewards, G)
 
         # 3. λ_k and the teacher (skipped entirely once λ is 0 for good)
         lam = self.schedule(step)
@@ -348,20 +245,22 @@ class Trainer:
 
         # (probe steps only: annotate and score the rollouts before the update; TRACE.md §7 mechanisms)
         probe = fixed_before = None
+        probed = ProbedPolicy.of(self.settings, self.policy, self.tokenizer, self.dist)
         if step in self.probe_steps and self.fixed_probe is not None:  # needs no annotator: every probe step
-            fixed_before = fixed_batch_scores(self, self.fixed_probe)
+            fixed_before = fixed_batch_scores(probed, self.fixed_probe)
         if step in self.probe_steps:
             if self.annotator is None:
                 log.warning("probe step %d skipped: the annotator was freed when λ reached 0", step)
             else:
-                probe = probe_before_update(self, records, rollouts, correct)
+                key, error, prefixes, _ = self.annotate(records, rollouts, correct)
+                probe = probe_before_update(probed, records, rollouts, correct, key, error, prefixes)
 
         # 4. span annotation + router: which tokens get a KL channel
         routed, label_prefixes, annotation_stats = (self.route(step, records, rollouts, correct) if teacher_on
                                                     else (None, None, {}))
         teacher_prompts = None
         if teacher_on:
-            teacher_prompts = [teacher_prompt(self.tokenizer, r, self.method.teacher_context, p, cfg["thinking"])
+            teacher_prompts = [teacher_prompt(self.tokenizer, r, self.method.teacher_context, p, settings.thinking)
                                for r, p in zip(records, label_prefixes)]
 
         # 5. loss over micro-batches with global normalisers, one optimizer step
@@ -372,16 +271,16 @@ class Trainer:
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        plan = (token_budget_plan(rollouts, cfg["micro_batch_tokens"], cfg["micro_batch_size"], self.dist)
-                if cfg.get("micro_batch_tokens") else _micro_batches(len(records), cfg["micro_batch_size"]))
+        plan = (token_budget_plan(rollouts, settings.micro_batch_tokens, settings.micro_batch_size, self.dist)
+                if settings.micro_batch_tokens else _micro_batches(len(records), settings.micro_batch_size))
         for rows in plan:
             batch = (rows, rollouts, advantages, correct, routed, teacher_prompts)
-            if cfg.get("micro_batch_tokens"):
+            if settings.micro_batch_tokens:
                 batch = trim_micro_batch(*batch)  # its own padded width: the budget bounds the real work
-            metrics = self._micro_batch_loss(*batch, lam, step, agg, srpo_weight_mean)
+            metrics = self.micro_batch_loss(*batch, lam, step, agg, srpo_weight_mean)
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), settings.grad_clip)
         self.optimizer.step()
         self.engine.sync_weights(self.policy)  # the next rollouts (and the self annotator) use the new weights
 
@@ -416,17 +315,17 @@ class Trainer:
         row.update({name: value for name, value in sums.items()})
         row.update({k: v for k, v in annotation_stats.items() if isinstance(v, (int, float))})
         if probe is not None:
-            row.update(probe_after_update(self, rollouts, probe))
+            row.update(probe_after_update(probed, rollouts, probe))
         if fixed_before is not None:
-            row.update(fixed_batch_row(fixed_before, fixed_batch_scores(self, self.fixed_probe), self.fixed_probe))
+            row.update(fixed_batch_row(fixed_before, fixed_batch_scores(probed, self.fixed_probe), self.fixed_probe))
         return row
 
     def aggregation(self, mask: torch.Tensor) -> tuple[dict, dict]:
         """Token counts of the WHOLE optimizer batch, and the aggregation arguments built on them
         that every micro-batch's loss is normalised by (never per micro-batch)."""
         counts = {name: self.dist.sum(count) for name, count in losses.count_normalizers(mask).items()}  # all ranks
-        return counts, dict(agg_mode=self.cfg["agg_mode"], global_tokens=counts["global_tokens"],
-                            global_seqs=counts["global_seqs"], max_len=self.cfg["sampling"]["max_new_tokens"])
+        return counts, dict(agg_mode=self.settings.agg_mode, global_tokens=counts["global_tokens"],
+                            global_seqs=counts["global_seqs"], max_len=self.settings.sampling.max_new_tokens)
 
     @torch.no_grad()
     def _srpo_global_weight_mean(self, rollouts, correct, teacher_prompts) -> torch.Tensor:
@@ -437,99 +336,48 @@ class Trainer:
         forward per step, for SRPO only.
         """
         total, count = torch.zeros((), device=self.device), 0
-        temperature, chunk = self.cfg["sampling"]["temperature"], self.cfg["logprob_chunk"]
-        for rows in _micro_batches(len(teacher_prompts), self.cfg["micro_batch_size"]):
+        temperature, chunk = self.settings.sampling.temperature, self.settings.logprob_chunk
+        for rows in _micro_batches(len(teacher_prompts), self.settings.micro_batch_size):
             failed = rollouts.completion_mask[rows].bool() & ~correct[rows].bool().unsqueeze(-1)
             if not failed.any() and not self.dist.active:  # every rank must run the sharded teacher alike
                 continue
             hidden = self.teacher.hidden_states(self.tokenizer, [teacher_prompts[i] for i in rows],
                                                 rollouts.completion_ids[rows], rollouts.completion_mask[rows])
             entropy = losses.chunked_entropy(hidden[failed], self.teacher.lm_head_weight, chunk, temperature)
-            total += torch.exp(-self.cfg["kl"]["srpo_entropy_beta"] * entropy.float()).sum()
+            total += torch.exp(-self.settings.kl.srpo_entropy_beta * entropy.float()).sum()
             count += int(failed.sum())
         return self.dist.sum(total) / max(int(self.dist.sum(torch.tensor(count, device=self.device))), 1)
 
-    def _micro_batch_loss(self, rows, rollouts, advantages, correct, routed, teacher_prompts, lam, step,
-                          agg, srpo_weight_mean) -> dict[str, float]:
-        cfg, kl, method = self.cfg, self.cfg["kl"], self.method
-        temperature = cfg["sampling"]["temperature"]
+    def micro_batch_loss(self, rows, rollouts, advantages, correct, routed, teacher_prompts, lam, step,
+                         agg, srpo_weight_mean) -> dict[str, float]:
+        """Forward, loss (the method's objective, trace/train/objectives.py) and backward for the rows
+        ``rows`` of the optimizer batch; returns the micro-batch's metric sums and token counts."""
+        settings = self.settings
         mask = rollouts.completion_mask[rows].bool()
         targets = rollouts.completion_ids[rows]
         W = self.policy.get_output_embeddings().weight
         hidden = completion_hidden_states(self.policy, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                                           rollouts.prompt_ids.shape[1])
-        logp_flat, entropy_flat = gather_logprobs(hidden[mask], W, targets[mask], temperature, cfg["logprob_chunk"])
+        logp_flat, entropy_flat = gather_logprobs(hidden[mask], W, targets[mask], settings.sampling.temperature,
+                                                  settings.logprob_chunk)
         logp = losses.tokens_from_positions(logp_flat, mask)
         old_logp = logp.detach()  # one update per batch (mini-batch = batch, as in the paper)
-        adv = advantages[rows]
 
         teacher_hidden = None
         if teacher_prompts is not None:
             teacher_hidden = self.teacher.hidden_states(self.tokenizer, [teacher_prompts[i] for i in rows],
                                                         targets, rollouts.completion_mask[rows])
-        metrics: dict[str, float] = {}
-        if method.objective == "rlsd" and teacher_hidden is not None:
-            t_logp_flat, _ = gather_logprobs(teacher_hidden[mask], self.teacher.lm_head_weight, targets[mask],
-                                             temperature, cfg["logprob_chunk"])
-            adv = losses.rlsd_token_advantages(adv, logp.detach(), losses.tokens_from_positions(t_logp_flat, mask),
-                                               strength=self.schedule.strength(step), eps_w=kl["rlsd_eps_w"])
-        ppo, clip = losses.ppo_clip_per_token(logp, old_logp, adv, cfg["eps_low"], cfg["eps_high"],
-                                              cfg.get("dual_clip_c"), mask=mask)
-
-        def divergence(where: torch.Tensor, kind: str, name: str, **extra) -> torch.Tensor:
-            """Per-token divergence at the routed positions only (zeros elsewhere). Logs, per routed token
-            over the WHOLE batch (sums and counts here, divided in train_step): the clipped value the loss
-            uses (kl/<name>_token_mean), the unclipped one (…_unclipped_token_mean) and the share of tokens
-            whose value the per-entry clip scaled down (…_clip_binds_frac)."""
-            values, scale = losses.chunked_divergence(
-                hidden[where], teacher_hidden[where], W, kind, chunk_size=cfg["logprob_chunk"],
-                teacher_lm_head_weight=self.teacher.lm_head_weight, top_k=kl["top_k"],
-                tail_bucket=kl["tail_bucket"], entry_clip=kl["entry_clip"], temperature=temperature,
-                return_scale=True, **extra)
-            n = float(values.numel())
-            for metric, total in (("token_mean", values.detach()), ("unclipped_token_mean", values.detach() / scale),
-                                  ("clip_binds_frac", (scale < 1).float())):
-                metrics[f"kl/{name}_{metric}_sum"] = float(total.sum())
-                metrics[f"kl/{name}_{metric}_tokens"] = n
-            return losses.tokens_from_positions(values, where)
-
-        if method.objective == "trace" and teacher_hidden is not None:
-            sub = RoutedMasks(routed.key[rows], routed.error[rows], routed.rest[rows])
-            mu_E, mu_K = CORNERS[method.corner]
-            fkl = divergence(sub.key, "fkl", "fkl_key") if (lam and mu_K) else None
-            rkl = divergence(sub.error, "rkl", "rkl_error") if (lam and mu_E) else None
-            loss, parts = losses.trace_objective(
-                ppo, mask, sub.key, sub.error, fkl, rkl, lam=lam, w0=kl["w0"], mu_E=mu_E, mu_K=mu_K,
-                full_grpo_on_spans_without_kl=kl["full_grpo_on_spans_without_kl"], **agg)
-            metrics.update({f"kl/{k}": float(v) for k, v in parts.items() if k in ("kl_key_branch", "kl_error_branch")})
-            for name, values in (("fkl_key", fkl), ("rkl_error", rkl)):
-                if values is None:  # no KL this step on this class: logged as 0 (λ = 0 or the corner's μ = 0)
-                    metrics[f"kl/{name}_token_mean_sum"] = metrics[f"kl/{name}_token_mean_tokens"] = 0.0
-        elif method.objective == "sdpo" and teacher_hidden is not None:
-            jsd = divergence(mask, "jsd", "distill", beta=kl["jsd_beta"])
-            loss, parts = losses.sdpo_objective(ppo, mask, jsd, distillation_weight=kl["sdpo_distillation_weight"], **agg)
-            metrics["kl/distill"] = float(parts["distill"])
-        elif method.objective == "srpo" and teacher_hidden is not None:
-            failed = mask & ~correct[rows].bool().unsqueeze(-1)
-            jsd = divergence(failed, "jsd", "distill", beta=kl["jsd_beta"])
-            teacher_entropy = losses.tokens_from_positions(
-                losses.chunked_entropy(teacher_hidden[failed], self.teacher.lm_head_weight, cfg["logprob_chunk"],
-                                       temperature), failed)
-            loss, parts = losses.srpo_objective(ppo, mask, jsd, correct[rows], teacher_entropy,
-                                                entropy_beta=kl["srpo_entropy_beta"],
-                                                weight_global_mean=srpo_weight_mean, **agg)
-            metrics["kl/distill"] = float(parts["distill"])
-            if failed.any():
-                metrics.update(teacher_entropy_sum=float(teacher_entropy[failed].sum()),
-                               teacher_entropy_tokens=float(failed.sum()))
-        else:
-            loss = losses.aggregate(ppo, mask, agg["agg_mode"], agg["global_tokens"], agg["global_seqs"], agg["max_len"])
-        if teacher_hidden is not None and method.objective != "srpo":
-            span = mask if routed is None else (routed.key[rows] | routed.error[rows])
-            if span.any():
-                metrics.update(teacher_entropy_sum=float(losses.chunked_entropy(
-                    teacher_hidden[span], self.teacher.lm_head_weight, cfg["logprob_chunk"], temperature).sum()),
-                    teacher_entropy_tokens=float(span.sum()))
+        batch = MicroBatch(
+            settings, self.method, mask, targets, hidden, W, logp, correct[rows],
+            None if routed is None else RoutedMasks(routed.key[rows], routed.error[rows], routed.rest[rows]),
+            teacher_hidden, None if teacher_hidden is None else self.teacher.lm_head_weight,
+            lam, self.schedule.strength(step), agg, srpo_weight_mean)
+        objective = objective_for(self.method, teacher_on=teacher_hidden is not None)
+        adv = objective.advantages(batch, advantages[rows])
+        ppo, clip = losses.ppo_clip_per_token(logp, old_logp, adv, settings.eps_low, settings.eps_high,
+                                              settings.dual_clip_c, mask=mask)
+        loss = objective.loss(batch, ppo)
+        metrics = batch.metrics
         loss.backward()
         if rollouts.sampled_logprobs is not None:
             # the rollout engine's log-prob of its own samples vs the trainer's (verl's rollout_probs_diff):
@@ -541,31 +389,35 @@ class Trainer:
                        clipped_low=float((clip["clipped_low"] & mask).sum()))
         return metrics
 
+    def validate(self, step: int) -> dict:
+        """Held-out mean@k of the policy now (after step ``step``'s update): trace/train/validation.py."""
+        return self.validation.measure(step, self.policy, self.engine, self.tokenizer, self.dist)
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Path:
-        cfg = self.cfg
+        settings = self.settings
         self.run.work.mkdir(parents=True, exist_ok=True)
-        steps = range(self.start_step, cfg["steps"])
+        steps = range(self.start_step, settings.steps)
         # a fresh start drops rows of an earlier attempt (killed before its first checkpoint)
         # rank 0 writes the metrics (they are global) and the attempt log
-        attempt = (_attempt_log(self.run, self.start_step, cfg["steps"]) if self.dist.is_main
+        attempt = (_attempt_log(self.run, self.start_step, settings.steps) if self.dist.is_main
                    else contextlib.nullcontext())
         with attempt, open(self.run.live_metrics if self.dist.is_main else os.devnull,
                            "a" if self.start_step > 0 else "w") as live:
-            for step in tqdm(steps, desc=f"{cfg['method']} seed{cfg['seed']}", initial=self.start_step,
-                             total=cfg["steps"], mininterval=10, disable=not self.dist.is_main):
+            for step in tqdm(steps, desc=f"{settings.method} seed{settings.seed}", initial=self.start_step,
+                             total=settings.steps, mininterval=10, disable=not self.dist.is_main):
                 row = self.train_step(step)
-                if self.validation_due(step):
+                if self.validation.due(step):
                     row.update(self.validate(step))
                     log.info("step %d val mean@%d %.4f", step, row["val/k"], row["val/mean_at_k"])
-                    if self.val_settings["select"] == "best":
-                        self._keep_if_best(step, row)
+                    if self.validation.select_best:
+                        self.validation.keep_if_best(step, row, self._save_policy, self.dist)
                 live.write(json.dumps(row) + "\n")
                 live.flush()
                 log.info("step %d reward %.3f entropy %.3f len %.1f λ %.3f (%.1fs)", step, row["reward_mean"],
                          row["entropy"], row["response_length"], row["lambda"], row["step_s"])
                 # the final step too: raising train.steps later continues from here, repeating nothing
-                if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["steps"]:
+                if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
                     self._save_checkpoint(step + 1)
         self._save_output_model()
         if self.dist.is_main:
@@ -579,47 +431,21 @@ class Trainer:
         if self.dist.is_main:
             shutil.rmtree(folder, ignore_errors=True)
         self.dist.barrier()
-        self.dist.save(self.policy, None, folder, dtype=getattr(torch, self.cfg.get("dtype", "float32")))
+        self.dist.save(self.policy, None, folder, dtype=getattr(torch, self.settings.dtype))
         if self.dist.is_main:
             self.tokenizer.save_pretrained(folder)
 
     def _save_output_model(self) -> None:
         """model/ = the last policy, or (validation.select best) the best-on-validation one, with the
         last kept in work/last."""
-        if self.val_settings["select"] != "best":
+        if not self.validation.select_best:
             self._save_policy(self.run.model)
             return
         self._save_policy(self.run.last)
         if self.dist.is_main:
             shutil.rmtree(self.run.model, ignore_errors=True)
             shutil.copytree(self.run.best, self.run.model)
-            log.info("model/ = the best-on-validation policy: %s", self.val_best)
-
-
-def validation_setup(settings: dict, val_path: Path | None) -> tuple[dict, list[dict]]:
-    """train.validation merged over its defaults, and the first n_problems validation records
-    (none when validation is off or no file was given)."""
-    unknown = set(settings) - set(VALIDATION_DEFAULTS)
-    if unknown:
-        raise ValueError(f"train.validation: unknown keys {sorted(unknown)}; known: {sorted(VALIDATION_DEFAULTS)}")
-    settings = {**VALIDATION_DEFAULTS, **settings}
-    if settings["select"] not in ("last", "best"):
-        raise ValueError(f"train.validation.select must be 'last' or 'best', got {settings['select']!r}")
-    if settings["every"] < 0 or settings["k"] < 1:
-        raise ValueError(f"train.validation: need every >= 0 and k >= 1, got {settings['every']} and {settings['k']}")
-    if settings["every"] == 0 or val_path is None:
-        if settings["select"] == "best":
-            raise ValueError("train.validation.select is 'best' but validation is off "
-                             f"({'no --val-data file' if val_path is None else 'every: 0'})")
-        if settings["every"] > 0:
-            log.warning("train.validation.every is %d but no --val-data file was given: no validation",
-                        settings["every"])
-        return settings, []
-    records = [r for r in load_records(val_path, "validation data") if r.get("answer") not in (None, "")]
-    records = records[:settings["n_problems"]] if settings["n_problems"] else records
-    if not records:
-        raise ValueError(f"validation file {val_path} has no problems with an answer")
-    return settings, records
+            log.info("model/ = the best-on-validation policy: %s", self.validation.best)
 
 
 @contextlib.contextmanager
@@ -642,13 +468,13 @@ def _attempt_log(run: RunDir, start_step: int, steps: int):
         handler.close()
 
 
-def run_fingerprint(cfg: dict, base_model: Path) -> str:
+def run_fingerprint(settings: TrainRun, base_model: Path) -> str:
     """The run's settings (minus the step budget, checkpoint period and how the job is laid out over
     processes: a checkpoint resumes under another world size) and its base weights."""
     from trace.annotate.local import weights_fingerprint
 
     layout = ("steps", "save_every", "parallel", "activation_checkpointing")
-    settings = {k: v for k, v in cfg.items() if k not in layout}
+    settings = {k: v for k, v in settings.to_dict().items() if k not in layout}
     text = json.dumps(settings, sort_keys=True, default=str) + weights_fingerprint(base_model)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

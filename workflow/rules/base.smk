@@ -20,6 +20,7 @@ if STUDY == "toy":
 
 else:
     base_model_lib = _load_by_path("trace_base_model", "trace/base_model.py")
+    settings_lib = _load_by_path("trace_settings", "trace/settings.py")
 
     def _resolved(entry):
         """Relative paths in a model entry are relative to the repo root (like real_data.mirror_dir)."""
@@ -40,7 +41,9 @@ else:
     REBUILD = "results/.rebuild/base_model/{model}"
     for _name, _entry in BASE_ENTRIES.items():
         _section = "models" if _name in config["models"] else "annotator_models"
-        _problem = base_model_lib.availability_problem(_name, _entry, Path("results/base") / _name, _section)
+        _problem = base_model_lib.availability_problem(
+            _name, settings_lib.PretrainedModel.from_mapping(_entry, f"{_section}.{_name}"), Path("results/base") / _name,
+            _section)
         if _problem and not PREFLIGHT:
             raise WorkflowError(f"config error: {_problem}")
         _marker = Path(REBUILD.format(model=_name))

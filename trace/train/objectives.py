@@ -1,0 +1,169 @@
+"""The objective of each method family, in a registry keyed by ``MethodSpec.objective`` (verl-style).
+
+An objective turns one micro-batch's clipped PPO surrogate (and, while the KL channel is on, the teacher's
+hidden states) into the loss to backpropagate, logging what it computed. ``OBJECTIVES[name]`` has:
+
+    advantages(batch, adv) -> adv      per-token advantages before the surrogate (RLSD reweights them)
+    loss(batch, ppo) -> loss           the scalar, normalised by the WHOLE optimizer batch (batch.agg)
+
+Once the teacher is off (λ = 0 for good), every method is GRPO: the trainer uses ``OBJECTIVES["grpo"]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from trace import losses
+from trace.logprobs import gather_logprobs
+from trace.methods import MethodSpec
+from trace.router import CORNERS, RoutedMasks
+from trace.settings import TrainRun
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """What one micro-batch's objective reads (rows of the optimizer batch), and the metrics it logs."""
+    settings: TrainRun
+    method: MethodSpec
+    mask: torch.Tensor                    # [b, T] completion tokens
+    targets: torch.Tensor                 # [b, T] completion token ids
+    hidden: torch.Tensor                  # [b, T, d] student hidden states (with grad)
+    lm_head: torch.Tensor                 # student output embedding
+    logp: torch.Tensor                    # [b, T] student log-prob of the sampled tokens (with grad)
+    correct: torch.Tensor                 # [b] verifiable reward
+    routed: RoutedMasks | None            # this micro-batch's rows of the router's masks (TRACE methods)
+    teacher_hidden: torch.Tensor | None   # [b, T, d] teacher hidden states, None once the teacher is off
+    teacher_lm_head: torch.Tensor | None
+    lam: float                            # λ_k of this step
+    strength: float                       # the schedule's strength at this step (RLSD)
+    agg: dict                             # aggregation arguments with the whole batch's normalisers
+    srpo_weight_mean: torch.Tensor | None  # SRPO's batch-wide weight normaliser
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def temperature(self) -> float:
+        return self.settings.sampling.temperature
+
+    def divergence(self, where: torch.Tensor, kind: str, name: str, **extra) -> torch.Tensor:
+        """Per-token divergence at the routed positions only (zeros elsewhere). Logs, per routed token over
+        the WHOLE batch (sums and counts here, divided by the trainer): the clipped value the loss uses
+        (kl/<name>_token_mean), the unclipped one (…_unclipped_token_mean) and the share of tokens whose
+        value the per-entry clip scaled down (…_clip_binds_frac)."""
+        kl = self.settings.kl
+        values, scale = losses.chunked_divergence(
+            self.hidden[where], self.teacher_hidden[where], self.lm_head, kind,
+            chunk_size=self.settings.logprob_chunk, teacher_lm_head_weight=self.teacher_lm_head, top_k=kl.top_k,
+            tail_bucket=kl.tail_bucket, entry_clip=kl.entry_clip, temperature=self.temperature,
+            return_scale=True, **extra)
+        n = float(values.numel())
+        for metric, total in (("token_mean", values.detach()), ("unclipped_token_mean", values.detach() / scale),
+                              ("clip_binds_frac", (scale < 1).float())):
+            self.metrics[f"kl/{name}_{metric}_sum"] = float(total.sum())
+            self.metrics[f"kl/{name}_{metric}_tokens"] = n
+        return losses.tokens_from_positions(values, where)
+
+    def teacher_entropy(self, where: torch.Tensor) -> torch.Tensor:
+        """The teacher's entropy at the given positions, flat."""
+        return losses.chunked_entropy(self.teacher_hidden[where], self.teacher_lm_head, self.settings.logprob_chunk,
+                                      self.temperature)
+
+    def routed_span(self) -> torch.Tensor:
+        """The tokens with a KL channel: the router's key ∪ error spans (all completion tokens unrouted)."""
+        return self.mask if self.routed is None else (self.routed.key | self.routed.error)
+
+    def log_teacher_entropy(self, where: torch.Tensor) -> None:
+        if where.any():
+            self.metrics.update(teacher_entropy_sum=float(self.teacher_entropy(where).sum()),
+                                teacher_entropy_tokens=float(where.sum()))
+
+
+def _same_advantages(batch: MicroBatch, adv: torch.Tensor) -> torch.Tensor:
+    return adv
+
+
+def grpo_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    agg = batch.agg
+    return losses.aggregate(ppo, batch.mask, agg["agg_mode"], agg["global_tokens"], agg["global_seqs"], agg["max_len"])
+
+
+def trace_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: FKL on key spans and/or RKL on error spans (the corner's μ), λ-weighted, GRPO elsewhere."""
+    routed, lam, kl = batch.routed, batch.lam, batch.settings.kl
+    mu_E, mu_K = CORNERS[batch.method.corner]
+    fkl = batch.divergence(routed.key, "fkl", "fkl_key") if (lam and mu_K) else None
+    rkl = batch.divergence(routed.error, "rkl", "rkl_error") if (lam and mu_E) else None
+    loss, parts = losses.trace_objective(
+        ppo, batch.mask, routed.key, routed.error, fkl, rkl, lam=lam, w0=kl.w0, mu_E=mu_E, mu_K=mu_K,
+        full_grpo_on_spans_without_kl=kl.full_grpo_on_spans_without_kl, **batch.agg)
+    batch.metrics.update({f"kl/{k}": float(v) for k, v in parts.items() if k in ("kl_key_branch", "kl_error_branch")})
+    for name, values in (("fkl_key", fkl), ("rkl_error", rkl)):
+        if values is None:  # no KL this step on this class: logged as 0 (λ = 0 or the corner's μ = 0)
+            batch.metrics[f"kl/{name}_token_mean_sum"] = batch.metrics[f"kl/{name}_token_mean_tokens"] = 0.0
+    batch.log_teacher_entropy(batch.routed_span())
+    return loss
+
+
+def sdpo_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    """GRPO + the all-token distillation term (the method's divergence, JSD) toward the frozen teacher."""
+    kl = batch.settings.kl
+    distill = batch.divergence(batch.mask, batch.method.divergence, "distill", beta=kl.jsd_beta)
+    loss, parts = losses.sdpo_objective(ppo, batch.mask, distill, distillation_weight=kl.sdpo_distillation_weight,
+                                        **batch.agg)
+    batch.metrics["kl/distill"] = float(parts["distill"])
+    batch.log_teacher_entropy(batch.routed_span())
+    return loss
+
+
+def srpo_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    """GRPO + distillation on failed rollouts only, weighted by the teacher's entropy (mean 1 batch-wide)."""
+    kl = batch.settings.kl
+    failed = batch.mask & ~batch.correct.bool().unsqueeze(-1)
+    distill = batch.divergence(failed, batch.method.divergence, "distill", beta=kl.jsd_beta)
+    teacher_entropy = losses.tokens_from_positions(batch.teacher_entropy(failed), failed)
+    loss, parts = losses.srpo_objective(ppo, batch.mask, distill, batch.correct, teacher_entropy,
+                                        entropy_beta=kl.srpo_entropy_beta,
+                                        weight_global_mean=batch.srpo_weight_mean, **batch.agg)
+    batch.metrics["kl/distill"] = float(parts["distill"])
+    if failed.any():
+        batch.metrics.update(teacher_entropy_sum=float(teacher_entropy[failed].sum()),
+                             teacher_entropy_tokens=float(failed.sum()))
+    return loss
+
+
+def rlsd_advantages(batch: MicroBatch, adv: torch.Tensor) -> torch.Tensor:
+    """RLSD: the sequence advantage reweighted per token by the teacher–student log-prob ratio."""
+    t_logp_flat, _ = gather_logprobs(batch.teacher_hidden[batch.mask], batch.teacher_lm_head,
+                                     batch.targets[batch.mask], batch.temperature, batch.settings.logprob_chunk)
+    return losses.rlsd_token_advantages(adv, batch.logp.detach(), losses.tokens_from_positions(t_logp_flat, batch.mask),
+                                        strength=batch.strength, eps_w=batch.settings.kl.rlsd_eps_w)
+
+
+def rlsd_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    batch.log_teacher_entropy(batch.routed_span())
+    return grpo_loss(batch, ppo)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    loss: Callable[[MicroBatch, torch.Tensor], torch.Tensor]
+    advantages: Callable[[MicroBatch, torch.Tensor], torch.Tensor] = _same_advantages
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "grpo": Objective(grpo_loss),
+    "trace": Objective(trace_loss),
+    "sdpo": Objective(sdpo_loss),
+    "srpo": Objective(srpo_loss),
+    "rlsd": Objective(rlsd_loss, rlsd_advantages),
+}
+
+
+def objective_for(method: MethodSpec, teacher_on: bool) -> Objective:
+    """The method's objective while its teacher is on; GRPO's once λ is 0 for good (or for GRPO)."""
+    if not teacher_on:
+        return OBJECTIVES["grpo"]
+    if method.objective not in OBJECTIVES:
+        raise ValueError(f"method objective {method.objective!r} has no entry in OBJECTIVES; known: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[method.objective]
