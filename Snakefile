@@ -3,11 +3,9 @@
 #   snakemake --cores 2 --configfile workflow/configs/paper_smoke.yaml   # the paper path on CPU (see README)
 #   snakemake --profile slurm                                      # the paper study on a SLURM cluster (see README)
 #   snakemake --cores 2 report                                     # tables and figures from the aggregate
-import hashlib
 import importlib.util
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path

@@ -1,0 +1,349 @@
+"""The study grid: which runs, which files, which settings each job gets.
+
+The workflow's rule files (workflow/rules/*.smk) only wire: every name, path, check and settings
+dict they pass to a job comes from a :class:`StudyPlan` built from the validated study config
+(trace/study_config.py). A *run* is (model, run name, seed); a run name is a method
+(trace/methods.py) or, for the annotator-tier ablation, ``'<method>@<tier>'``. A *policy* (what an
+evaluation scores) is ``'base'`` or ``'<run>-seed<s>'``.
+
+Everything here takes and returns plain values (config mappings, names, paths as strings, dicts);
+what only Snakemake knows (``ancient()``, ``directory()``, wildcards objects, ``WorkflowError``) stays
+in the rule files, which turn a :class:`StudyPlanError` or a ``*_problem`` line into
+``config error: ...``.
+
+Self-contained (stdlib only): the Snakefile loads this file by path, because the package name
+``trace`` is also a stdlib module that Snakemake's interpreter may have imported. What it needs from
+other modules (the method registry, the launcher's job shape, the base-model checks) is passed in.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+# Global wildcard constraints of the workflow (common.smk): what a model, run, seed and benchmark name may be.
+WILDCARD_CONSTRAINTS = {
+    "model": "[A-Za-z0-9_.-]+",
+    "method": "[a-z0-9_]+(@[a-z0-9_]+)?",  # a run name: '<method>' or '<method>@<tier>'
+    "seed": r"\d+",
+    "benchmark": "[A-Za-z0-9_]+",
+}
+TEACHER_CONTEXT_PATTERN = "label|reference"  # the teacher_gap rule's {context}
+BASE_DIR = "results/base"
+# A base folder that lost its weights or config is rebuilt: touching this marker (an input of its
+# base_model job) makes the job rerun; what was trained and evaluated on it stays (base inputs are ancient).
+REBUILD_MARKER = "results/.rebuild/base_model/{model}"
+
+
+class StudyPlanError(ValueError):
+    """A study that cannot be planned, as one line (the rule files prefix 'config error: ')."""
+
+
+class StudyPlan:
+    """The grid of one validated study config: its runs, their files, and each job's settings.
+
+    ``get_method`` is trace/methods.py's ``get_method`` (run name -> MethodSpec with ``uses_teacher``
+    and ``teacher_context``): passed in, so this file stays loadable on its own."""
+
+    def __init__(self, config: Mapping, repo: str | Path, get_method: Callable[[str], Any]):
+        self.config = config
+        self.repo = Path(repo)
+        self.get_method = get_method
+        self.study = config["study"]
+        self.models = list(config["models"])
+        self.annotator_models = dict(config.get("annotator_models") or {})
+        self.methods = list(config["methods"])
+        self.seeds = list(config["seeds"])
+        self.benchmarks = list(config["eval"]["benchmarks"])
+        self.ablations = config.get("ablations") or {}
+        self.tier_runs = self.ablations.get("annotator_tiers") or {}
+        self.mask_runs = self.ablations.get("mask_localisation") or {}
+        self.teacher_check = config["teacher_check"]
+        self.probing = bool((config["train"].get("probe") or {}).get("steps"))
+        # The paper study's bases are pinned, hash-checked models: a base re-materialised because its
+        # weights went missing is the same model, so the runs and evaluations finished on it are kept
+        # (its folder is an ancient input) and what the base IS enters their params (base_identity).
+        # The toy study's bases are built here from its own data: plain inputs.
+        self.pinned_bases = self.study != "toy"
+        # One data convention for every study: the files each rule reads are where the data rules write them.
+        if self.study == "toy":
+            self.data_dir = "results/data/toy"
+            self.train_data, self.val_data = f"{self.data_dir}/train.jsonl", f"{self.data_dir}/val.jsonl"
+        else:
+            self.data_dir = "results/data/real"
+            self.train_data = f"{self.data_dir}/train/train.jsonl"
+            self.val_data = f"{self.data_dir}/train/val.jsonl"
+
+    # ---- problems found while planning (one line each; None: fine) -----------------------------------
+    def data_problem(self) -> str | None:
+        """Benchmarks evaluated but never prepared (real data only: the toy world writes every benchmark)."""
+        if self.study == "toy":
+            return None
+        missing = [b for b in self.benchmarks if b not in self.config["real_data"]["eval_sets"]]
+        if missing:
+            return f"eval.benchmarks {missing} are not prepared: add them to real_data.eval_sets"
+        return None
+
+    def train_gpus_problem(self, launch_resources: Mapping) -> str | None:
+        """resources.train.gpus must equal the GPU processes per node that train.parallel starts
+        (``launch_resources``: trace/launch.py ``train_resources(config['train'])``)."""
+        requested = (self.config.get("resources") or {}).get("train", {}).get("gpus", 0)
+        if launch_resources["gpu"] != requested:
+            return (f"resources.train.gpus = {requested} but train.parallel runs {launch_resources['gpu']} "
+                    f"GPU process(es) per node (train.device {self.config['train']['device']!r}): make them equal")
+        return None
+
+    # ---- names and files of the grid --------------------------------------------------------------------
+    def benchmark_file(self, benchmark: str) -> str:
+        return f"{self.data_dir}/{benchmark}.jsonl"
+
+    def runs_of(self, model: str) -> list[str]:
+        """Run names trained on one model: the main methods, plus the ablations assigned to it."""
+        runs = list(self.methods)
+        if self.tier_runs.get("model") == model:
+            runs += [f"{self.tier_runs['method']}@{tier}" for tier in self.tier_runs["tiers"]]
+        if self.mask_runs.get("model") == model:
+            runs += [method for method in self.mask_runs["methods"] if method not in runs]
+        return runs
+
+    @staticmethod
+    def evaluation_file(model: str, policy: str, benchmark: str) -> str:
+        return f"results/eval/{model}/{policy}/{benchmark}.json"
+
+    def evaluations_of(self, model: str, runs) -> list[str]:
+        """Result files of the base and the given runs on one model; policy names as they appear in
+        results/eval/<model>/<policy>/: 'base' and '<run>-seed<s>'."""
+        policies = ["base"] + [f"{run}-seed{seed}" for run in runs for seed in self.seeds]
+        return [self.evaluation_file(model, policy, benchmark) for policy in policies for benchmark in self.benchmarks]
+
+    def all_evaluations(self) -> list[str]:
+        return [path for model in self.models for path in self.evaluations_of(model, self.runs_of(model))]
+
+    def all_training_metrics(self) -> list[str]:
+        return [f"results/train/{model}/{run}/seed{seed}/metrics.jsonl"
+                for model in self.models for run in self.runs_of(model) for seed in self.seeds]
+
+    @staticmethod
+    def base_dir(model: str) -> str:
+        return f"{BASE_DIR}/{model}"
+
+    @staticmethod
+    def base_of(path: str | None) -> str | None:
+        """'results/base/<name>' -> '<name>' (a base this workflow builds); anything else -> None."""
+        return path.removeprefix(f"{BASE_DIR}/") if path and path.startswith(f"{BASE_DIR}/") else None
+
+    @staticmethod
+    def trained_model_of(model: str, policy: str) -> str | None:
+        """The model folder a policy is evaluated from: None for 'base' (the base folder), else the run's."""
+        if policy == "base":
+            return None
+        run, seed = policy.rsplit("-seed", 1)
+        return f"results/train/{model}/{run}/seed{seed}/model"
+
+    # ---- runs ---------------------------------------------------------------------------------------------
+    def method_and_annotator(self, run: str) -> tuple[str, dict]:
+        """'trace_fkl@self' -> ('trace_fkl', train.annotator with the tier's overrides)."""
+        method, _, tier = run.partition("@")
+        annotator = dict(self.config["train"]["annotator"])
+        if tier:
+            if tier not in self.tier_runs.get("tiers", {}):
+                raise ValueError(f"run {run!r}: tier {tier!r} is not in ablations.annotator_tiers.tiers")
+            annotator.update(self.tier_runs["tiers"][tier])
+        return method, annotator
+
+    def built_annotator(self, run: str | None = None) -> str | None:
+        """The annotator's model when this workflow builds it (a path under results/, e.g. the toy-large
+        base for the frozen tier), for a run or (None) for train.annotator itself; else None."""
+        annotator = self.method_and_annotator(run)[1] if run is not None else self.config["train"]["annotator"]
+        model = annotator.get("model")
+        return model if model and model.startswith("results/") else None
+
+    def base_identity(self, *models: str) -> str:
+        """A short hash of the config entries of these base models ('' in the toy study)."""
+        if not self.pinned_bases:
+            return ""
+        entries = {**self.config["models"], **self.annotator_models}
+        text = json.dumps([entries.get(model) for model in models], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def train_bases(self, model: str, run: str) -> str:
+        """Identity of the base models a run starts from and is annotated by."""
+        annotator = self.base_of(self.method_and_annotator(run)[1].get("model") or "")
+        return self.base_identity(model, *([annotator] if annotator is not None else []))
+
+    def train_settings(self, run: str, seed) -> dict:
+        """The settings of one training run (`python -m trace train --cfg`)."""
+        method, annotator = self.method_and_annotator(run)
+        # `parallel` only shapes the launch (it may change between attempts without rerunning a run)
+        train = {key: value for key, value in self.config["train"].items() if key != "parallel"}
+        settings = {**train, "method": method, "annotator": annotator, "seed": int(seed),
+                    "thinking": self.config["thinking"], "teacher_check_on_worse": self.teacher_check["on_worse"]}
+        if self.study != "toy":  # trained only on the data source the config asks for (checked against the manifest)
+            settings["train_source"] = self.config["real_data"]["train_source"]
+        return settings
+
+    def train_resources(self, job_resources: Mapping, launch_resources: Mapping) -> dict:
+        """The train rule's resources: the job's size and placement from resources.train (``job_resources``:
+        trace/study_config.py ``job_resources(config, 'train', repo)``: cpus, mem, runtime, partition),
+        its shape (nodes, tasks, GPUs per node) from train.parallel (``launch_resources``: trace/launch.py
+        ``train_resources``), which the launcher follows. resources.train's cpus, mem_mb and gpus are per
+        node (SLURM's --cpus-per-task and --mem are per node with one task per node), but the plugin's
+        --gpus=N counts the whole job: N = nodes x GPUs per node."""
+        shape = {key: value for key, value in launch_resources.items() if key in ("nodes", "tasks", "gpu")}
+        resources = {**job_resources, **shape}
+        if shape["gpu"]:
+            resources["gpu"] = shape["gpu"] * shape["nodes"]
+        if shape["nodes"] > 1:
+            # the SLURM plugin's job step wraps a job's command in `srun -n1` (one node) unless the job declares
+            # `mpi`: then the command runs in the batch step and its own `srun --nodes N` starts torchrun per node
+            # (and the plugin asks --ntasks=N: one task per node)
+            resources["mpi"] = "srun"
+        return resources
+
+    # ---- the teacher check ---------------------------------------------------------------------------------
+    def teacher_context_of(self, run: str) -> str | None:
+        """The private context of a run's teacher (label | reference), or None for a run without one."""
+        method = self.get_method(self.method_and_annotator(run)[0])
+        return method.teacher_context if method.uses_teacher else None
+
+    def teacher_contexts(self, model: str) -> list[str]:
+        """The contexts checked on one model: those of its runs, plus label for the probe's fixed batch."""
+        contexts = {self.teacher_context_of(run) for run in self.runs_of(model)} - {None}
+        return sorted(contexts | ({"label"} if self.probing else set()))
+
+    def all_teacher_gaps(self) -> list[str]:
+        return [f"results/teacher_gap/{model}/{context}.json"
+                for model in self.models for context in self.teacher_contexts(model)]
+
+    def teacher_check_inputs(self, model: str, run: str) -> dict[str, str]:
+        """The run's teacher check (a run with a teacher) and the probe's fixed batch (probing on)."""
+        context = self.teacher_context_of(run)
+        inputs = {"gap": f"results/teacher_gap/{model}/{context}.json"} if context else {}
+        if self.probing:
+            inputs["probe_batch"] = f"results/teacher_gap/{model}/label.probe.pt"
+        return inputs
+
+    @staticmethod
+    def teacher_check_args(inputs: Mapping[str, str]) -> str:
+        """The train command's flags for the teacher_check_inputs it got (by input name)."""
+        return " ".join(f"--{'teacher-gap' if name == 'gap' else 'probe-batch'} {inputs[name]}"
+                        for name in ("gap", "probe_batch") if name in inputs)
+
+    def teacher_gap_settings(self, model: str, context: str) -> dict:
+        return {"train": {**{k: v for k, v in self.config["train"].items() if k != "parallel"},
+                          "seed": 0, "thinking": self.config["thinking"]},
+                "teacher_check": self.teacher_check, "context": context, "model": model}
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def evaluation_settings(self) -> dict:
+        ev = self.config["eval"]
+        settings = {"k": ev["k"], "backend": ev["backend"], "batch_size": ev["batch_size"], "limit": ev["limit"],
+                    "thinking": self.config["thinking"], "seed": 0,
+                    "gen": {key: ev[key] for key in ("temperature", "top_p", "top_k", "max_new_tokens")},
+                    "device": ev.get("device", "cpu"), "dtype": ev.get("dtype", "float32"),
+                    "tensor_parallel_size": ev.get("tensor_parallel_size", 1)}
+        if ev["backend"] == "vllm":
+            settings["model_options"] = {key: ev[key] for key in ("max_model_len", "gpu_memory_utilization")
+                                         if ev.get(key) is not None}
+        return settings
+
+    def evaluation_outputs(self, model: str = "{model}", policy: str = "{policy}") -> list[str]:
+        """One policy's result files (by default the evaluate rule's output patterns)."""
+        return [self.evaluation_file(model, policy, benchmark) for benchmark in self.benchmarks]
+
+    def evaluation_data_arg(self) -> str:
+        return " ".join(f"{benchmark}={self.benchmark_file(benchmark)}" for benchmark in self.benchmarks)
+
+    def evaluation_bases(self, model: str, policy: str) -> str:
+        """What the evaluated base is (base policies only: a run's identity is in its own params)."""
+        return self.base_identity(model) if policy == "base" else ""
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    def toy_data_files(self) -> list[str]:
+        return [f"results/data/toy/{split}.jsonl" for split in ["train", "sft", "val", *self.benchmarks]]
+
+    def real_benchmark_files(self) -> list[str]:
+        return [f"results/data/real/{name}.jsonl" for name in self.config["real_data"]["eval_sets"]]
+
+    def mirror_dir(self) -> str | None:
+        """config real_data.mirror_dir, resolved against the repo root (null: read from the hub)."""
+        mirror = self.config["real_data"]["mirror_dir"]
+        return None if mirror is None else str((self.repo / mirror).resolve())
+
+    def benchmark_data_settings(self) -> dict:
+        real = self.config["real_data"]
+        return {"mirror_dir": self.mirror_dir(), "names": real["eval_sets"], "gpqa_seed": real["gpqa_seed"]}
+
+    def train_data_settings(self) -> dict:
+        real = self.config["real_data"]
+        return {"mirror_dir": self.mirror_dir(), "max_rows": real["train_max_rows"], "val_rows": real["val_rows"],
+                "seed": real["seed"], "source": real["train_source"]}
+
+    # ---- base models -----------------------------------------------------------------------------------
+    def toy_base_settings(self, model: str) -> dict:
+        return {**self.config["models"][model], "seed": self.config["toy"]["seed"],
+                "thinking": self.config["thinking"], "tokenizer_vocab": self.config["toy"]["tokenizer_vocab"]}
+
+    def resolved_entry(self, entry: Mapping) -> dict:
+        """Relative paths in a model entry are relative to the repo root (like real_data.mirror_dir)."""
+        entry = json.loads(json.dumps(entry))
+        if entry.get("path"):
+            entry["path"] = str((self.repo / Path(entry["path"]).expanduser()).resolve())
+        if entry.get("init"):
+            for key in ("config", "tokenizer"):
+                entry["init"][key] = str((self.repo / entry["init"][key]).resolve())
+        return entry
+
+    @functools.cached_property
+    def base_entries(self) -> dict[str, dict]:
+        """Every base model and frozen annotator of a pinned-bases study, paths resolved."""
+        return {name: self.resolved_entry(entry)
+                for name, entry in {**self.config["models"], **self.annotator_models}.items()}
+
+    def section_of(self, model: str) -> str:
+        """The config section a base model is set in."""
+        return "models" if model in self.config["models"] else "annotator_models"
+
+    def base_model_pattern(self) -> str:
+        """The base_model rule's {model}: exactly the study's bases and annotators."""
+        return "|".join(re.escape(name) for name in self.base_entries)
+
+    def base_model_inputs(self, model: str, preflight: bool = False) -> list[str]:
+        """Its rebuild marker (not while preflight plans), and the training set for a random-init smoke
+        model (SFT'd on it); real models need no other input."""
+        return [*([] if preflight else [REBUILD_MARKER.format(model=model)]),
+                *([self.train_data] if self.base_entries[model].get("init") else [])]
+
+    def base_model_settings(self, model: str) -> dict:
+        return {"name": model, "entry": self.base_entries[model], "thinking": self.config["thinking"],
+                "section": self.section_of(model)}
+
+    def base_model_data_arg(self, model: str) -> str:
+        return f"--train-data {self.train_data}" if self.base_entries[model].get("init") else ""
+
+    def check_bases(self, availability_problem: Callable, repair_problem: Callable, *, preflight: bool,
+                    main_process: bool, note: Callable[[str], None]) -> None:
+        """Fail while planning (seconds), not in a job hours later: every model must be obtainable here (a
+        local path: config, weights and hashes checked); raise StudyPlanError naming the first that is not
+        (not while preflight plans: it reports them itself). A finished base folder that lost its weights or
+        config gets its rebuild marker touched, which makes its base_model job rerun (Snakemake's --forcerun
+        is not settable from a Snakefile); ``note`` says so (main process only). Markers are created older than
+        any base folder, so a new marker alone reruns nothing. ``availability_problem``/``repair_problem``:
+        trace/base_model.py's; paths are relative to the working directory."""
+        for name, entry in self.base_entries.items():
+            problem = availability_problem(name, entry, Path(BASE_DIR) / name, self.section_of(name))
+            if problem and not preflight:
+                raise StudyPlanError(problem)
+            marker = Path(REBUILD_MARKER.format(model=name))
+            if not marker.exists() and not preflight:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                os.utime(marker, (0, 0))
+            broken = repair_problem(name, Path(BASE_DIR) / name)
+            if broken and main_process and not preflight:
+                note(f"rebuilding: {broken}; its base_model job reruns, finished runs and evaluations on it are kept")
+                marker.touch()
