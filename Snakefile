@@ -15,6 +15,8 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+report: "workflow/report/workflow.rst"  # `snakemake --report report.html` (docs/html-report.md)
+
 REPO = Path(workflow.basedir).resolve()
 
 

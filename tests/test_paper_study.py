@@ -204,3 +204,8 @@ def test_paper_smoke_study_runs_end_to_end_on_cpu(tmp_path):
     assert all(gap["verdict"] in ("better", "worse", "uninformative") and gap["n_rollouts"] > 0
                for gap in gaps.values())
     assert "qwen3-1.7b-smoke" in (results / "tables" / "teacher_gap.md").read_text()
+    # the study's HTML report (docs/html-report.md), from the smoke's results and Snakemake's records of them
+    from test_html_report import check_html_report, make_html_report
+
+    check_html_report(make_html_report(tmp_path, REPO_ROOT / "workflow" / "configs" / "paper_smoke.yaml"), results,
+                      "paper")

@@ -175,3 +175,61 @@ def test_the_shipped_teacher_check_passes_on_both_toy_bases():
                                                           for c in ("label", "reference")}
     assert (gaps["verdict"] == "better").all() and (gaps["first_error_correct_ci_low"] > 0).all()
     assert (gaps["accuracy_teacher_prompt_mean"] > gaps["accuracy_plain_mean"]).all()
+
+
+PAPER_SMOKE_CACHE = REPO_ROOT / "tests" / "data" / "paper_smoke_cache"  # a real paper smoke's aggregate (README there)
+
+
+def _redraw_checking_figures(cache_dir, out_dir, monkeypatch) -> dict:
+    """Redraw a cache; {figure name: what of it texts_outside_canvas finds past the canvas} as written."""
+    from trace import report
+
+    cut, save = {}, report._save
+
+    def checking_save(plt, fig, path):
+        report.fit_titles(fig)  # what _save does first: the figure as it is written
+        cut[path.name] = report.texts_outside_canvas(fig)
+        save(plt, fig, path)
+
+    monkeypatch.setattr(report, "_save", checking_save)
+    redraw(cache_dir, out_dir)
+    return cut
+
+
+@pytest.mark.parametrize("cache_dir", [*shipped_caches(), PAPER_SMOKE_CACHE], ids=lambda path: path.name)
+def test_no_figure_text_is_cut_off(cache_dir, tmp_path, monkeypatch, caplog):
+    """Every figure redrawn from the shipped caches and from the paper smoke's (its long model names:
+    'qwen3-1.7b-smoke: SRPO weight mean exp(−β·H_teacher)' once ran past the right edge) has its titles,
+    labels and legends inside the canvas."""
+    with caplog.at_level(logging.WARNING, logger="trace.report"):
+        cut = _redraw_checking_figures(cache_dir, tmp_path / "out", monkeypatch)
+    assert set(cut) == {path.name for path in (tmp_path / "out" / "figures").iterdir()} and len(cut) >= 5
+    assert {name: sides for name, sides in cut.items() if sides} == {}
+    assert not [r.getMessage() for r in caplog.records if "past the canvas" in r.getMessage()]
+
+
+def test_no_figure_text_is_cut_off_in_the_paper_like_cache(cache, tmp_path, monkeypatch):
+    cut = _redraw_checking_figures(cache, tmp_path / "out", monkeypatch)
+    assert set(cut) == FIGURES and {name: sides for name, sides in cut.items() if sides} == {}
+
+
+def test_a_title_wider_than_its_panel_is_wrapped_inside_the_canvas():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trace.report import fit_titles, texts_outside_canvas
+
+    fig, axes = plt.subplots(1, 2, figsize=(6, 2))
+    axes[0].set_title("fits", fontsize=9)
+    axes[1].set_title("a-rather-long-model-name: a panel title much wider than its panel", fontsize=9)
+    fig.tight_layout()
+    assert texts_outside_canvas(fig)  # past the right edge as drawn
+    fit_titles(fig)
+    assert texts_outside_canvas(fig) == [] and axes[0].get_title() == "fits"
+    lines = axes[1].get_title().splitlines()
+    assert lines[0] == "a-rather-long-model-name:" and len(lines) >= 2  # the name kept whole on its own line
+    renderer = fig.canvas.get_renderer()
+    assert axes[1].title.get_window_extent(renderer).width <= axes[1].get_window_extent(renderer).width
+    plt.close(fig)

@@ -39,10 +39,50 @@ def report_outputs(root):
         "figures": [f"{root}/figures/{name}.png" for name in
                     ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
         "ablations": [f"{root}/{kind}/{name}.{ext}" for name in ("annotator_tiers", "mask_localisation")
-                      if ABLATIONS.get(name) for kind, ext in (("tables", "md"), ("figures", "png"))],
-        "versus_paper": ([f"{root}/tables/main_results_vs_paper.csv", f"{root}/tables/paper_figure_numbers.md"]
+                      if ABLATIONS.get(name)
+                      for kind, ext in (("tables", "md"), ("tables", "csv"), ("figures", "png"))],
+        "versus_paper": ([f"{root}/tables/main_results_vs_paper.csv"] + [f"{root}/tables/paper_figure_numbers.{ext}"
+                                                                          for ext in ("md", "csv")]
                          if STUDY == "paper" else []),
     }
+
+
+# `snakemake --report report.html` (docs/html-report.md): each table and figure the report rule draws, under
+# the paper's table or figure it reproduces, captioned by workflow/report/<caption>.rst. Keyed by
+# tables/<name> (its .md and .csv share the entry) or figures/<name>.
+REPORT_ENTRIES = {  # key: (category, subcategory, caption)
+    "tables/main_results": ("Table 2: main results", "ours", "main_results"),
+    "tables/main_results_vs_paper": ("Table 2: main results", "beside the paper", "main_results_vs_paper"),
+    "tables/vs_grpo": ("Table 2: main results", "gain over GRPO", "vs_grpo"),
+    "tables/annotator_tiers": ("Table 3: annotator tiers", "table", "annotator_tiers"),
+    "tables/mask_localisation": ("Table 4: mask localisation", "table", "mask_localisation"),
+    "figures/fig1a_entropy": ("Fig 1a: entropy", "figure", "fig1a_entropy"),
+    "figures/validation_curves": ("Fig 3: validation and training reward", "figure", "validation_curves"),
+    "figures/mask_localisation": ("Fig 4: mask localisation curves", "figure", "fig4_mask_localisation"),
+    "figures/fig6_credit_map": ("Fig 6: credit map", "credit map", "fig6_credit_map"),
+    "tables/mechanism": ("Fig 6: credit map", "mechanism numbers", "mechanism"),
+    "figures/annotator_tiers": ("Fig 7: annotator tier curves", "figure", "fig7_annotator_tiers"),
+    "figures/fig8_dynamics": ("Fig 8: length, entropy, SRPO", "figure", "fig8_dynamics"),
+    "tables/paper_figure_numbers": ("Figure numbers beside the paper", "table", "paper_figure_numbers"),
+    "figures/training_curves": ("Training curves", "figure", "training_curves"),
+    "tables/teacher_gap": ("Teacher check", "table", "teacher_gap"),
+}
+
+
+def in_report(outputs):
+    """report_outputs with every file marked for Snakemake's report (REPORT_ENTRIES)."""
+
+    def marked(path):
+        key = f"{Path(path).parent.name}/{Path(path).stem}"
+        if key not in REPORT_ENTRIES:
+            raise WorkflowError(f"{path}: no entry in REPORT_ENTRIES (workflow/rules/report.smk) for the report")
+        category, subcategory, caption = REPORT_ENTRIES[key]
+        if not (REPO / "workflow" / "report" / f"{caption}.rst").is_file():  # Snakemake looks only at --report
+            raise WorkflowError(f"{path}: its report caption workflow/report/{caption}.rst does not exist")
+        return report(path, caption=f"../report/{caption}.rst", category=category, subcategory=subcategory)
+
+    return {name: marked(value) if isinstance(value, str) else [marked(path) for path in value]
+            for name, value in outputs.items()}
 
 
 rule report:
@@ -50,7 +90,7 @@ rule report:
     input:
         rules.aggregate.output,
     output:
-        **report_outputs("results"),
+        **in_report(report_outputs("results")),
     params:
         cfg=as_arg(report_settings()),
     resources:
