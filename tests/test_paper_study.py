@@ -159,7 +159,7 @@ def test_study_files_do_not_mix(tmp_path):
 
 @pytest.mark.slow
 def test_paper_smoke_study_runs_end_to_end_on_cpu(tmp_path):
-    """The README's smoke command: every rule of the paper path executed with tiny models."""
+    """The smoke command (docs/paper-study.md): every rule of the paper path executed with tiny models."""
     started = time.time()
     result = subprocess.run([sys.executable, "-m", "trace", "smoke", "--cores", "2", "--directory", str(tmp_path)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)

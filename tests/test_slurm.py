@@ -1,4 +1,4 @@
-"""The toy study through `--profile slurm` on a real SLURM (README "On a SLURM cluster"): jobs are
+"""The toy study through `--profile slurm` on a real SLURM (docs/cluster.md, "On a SLURM cluster"): jobs are
 submitted with the study's per-rule resources, complete, and leave their outputs; a failing job
 prints its rule log; a GPU request lands on the GPU partition with --gpus. The `slurm` tests run
 whenever `sinfo` answers (else they skip, saying why); the others check the requests while planning. a single-node SLURM for this machine: `bash ../shared/tools/slurm/up.sh` (as root; add
@@ -55,7 +55,7 @@ def write_yaml(path: Path, data) -> str:
 
 
 def through_slurm(home, workdir, target, *overrides, options=(), timeout=900):
-    """The README's toy command, `snakemake --profile slurm --configfile config.yaml`, for one target
+    """The toy command of docs/cluster.md, `snakemake --profile slurm --configfile config.yaml`, for one target
     in a scratch workdir, with override files."""
     return subprocess.run([sys.executable, "-m", "snakemake", target, *options, "--directory", str(workdir),
                            "--profile", "slurm", "--configfile", "config.yaml", *overrides], cwd=REPO_ROOT, capture_output=True, text=True,
