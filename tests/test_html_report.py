@@ -1,5 +1,5 @@
 """`snakemake --report report.html`: one self-contained HTML file holding every table and figure the report
-rule draws, each under the paper's table or figure it reproduces (workflow/rules/report.smk REPORT_ENTRIES,
+rule draws, each under the paper's table or figure it reproduces (trace/study_plan.py REPORT_ENTRIES,
 captions workflow/report/*.rst; docs/html-report.md). Made here from results redrawn from a cache, without
 training: the toy study's and the three-seed study's shipped caches, and a paper smoke's cache."""
 import json

@@ -103,6 +103,7 @@ PLANNING = {  # read the study config as Snakemake holds it, to plan jobs: the o
     "trace/launch.py": "the train rule's launcher and resources from train.parallel (loaded by path)",
     "trace/preflight.py": "checks a cluster submission's config before any job",
     "trace/settings.py": "turns mappings into settings",
+    "trace/study_plan.py": "the study grid the rules wire: run names, files, each job's --cfg (loaded by path)",
 }
 RAW_CONFIG = re.compile(r"\b(cfg|config|train_cfg|settings)(\[['\"]|\.get\(['\"])")
 

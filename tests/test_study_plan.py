@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -252,3 +253,26 @@ def test_the_train_rule_passes_the_planned_settings(toy, tmp_path):
     assert cfg == json.dumps(toy.train_settings("trace_fkl@frozen", 0), sort_keys=True)
     assert "--teacher-gap results/teacher_gap/toy-small/label.json" in command
     assert "--probe-batch results/teacher_gap/toy-small/label.probe.pt" in command
+
+
+def test_report_outputs_and_their_report_entries(toy, paper):
+    """Every table and figure the report rule declares has a category and an existing caption; the paper study
+    adds its beside-the-paper tables, a study without an ablation leaves its files out."""
+    from trace.study_plan import REPORT_ENTRIES
+
+    toy_files = [f for value in toy.report_outputs("results").values() for f in ([value] if isinstance(value, str) else value)]
+    paper_files = [f for value in paper.report_outputs("R").values() for f in ([value] if isinstance(value, str) else value)]
+    assert "results/tables/annotator_tiers.md" in toy_files and "results/figures/mask_localisation.png" in toy_files
+    assert not any("vs_paper" in f or "paper_figure" in f for f in toy_files)
+    assert {"R/tables/main_results_vs_paper.csv", "R/tables/paper_figure_numbers.md"} <= set(paper_files)
+    for path in toy_files + paper_files:
+        category, _, caption = toy.report_entry(path)
+        assert (REPO_ROOT / "workflow" / "report" / Path(caption).name).is_file() and category
+    assert toy.report_entry("results/tables/main_results.csv")[0] == "Table 2: main results"
+    assert {key.split("/")[0] for key in REPORT_ENTRIES} == {"tables", "figures"}
+    with pytest.raises(StudyPlanError, match=r"^results/tables/unknown\.md: no entry in REPORT_ENTRIES"):
+        toy.report_entry("results/tables/unknown.md")
+    no_ablations = plan_of(ablations=None)
+    assert not no_ablations.report_outputs("results")["ablations"]
+    assert no_ablations.report_settings()["methods"] == toy.methods
+    assert paper.report_settings()["compare_to_paper"] is True and paper.report_settings()["paper_models"]

@@ -1,7 +1,7 @@
 """A results cache: everything the report needs to redraw every table and figure without training, a
 model, a GPU or Snakemake (docs/results-and-caches.md, "Regenerate tables and figures from a cache").
 
-    CACHE/report_settings.json     the report rule's settings (its --cfg, report_settings() in report.smk)
+    CACHE/report_settings.json     the report rule's settings (its --cfg, StudyPlan.report_settings(); trace.settings.ReportJob)
     CACHE/aggregate/evals.csv, training_curves.csv, credit_maps.csv, teacher_gap.csv   as `python -m trace aggregate` writes them
     CACHE/tables/, CACHE/figures/  what `python -m trace redraw CACHE` draws from the two above
 

@@ -326,16 +326,19 @@ class StudyPlan:
         return f"--train-data {self.train_data}" if self.base_entries[model].get("init") else ""
 
     def check_bases(self, availability_problem: Callable, repair_problem: Callable, *, preflight: bool,
-                    main_process: bool, note: Callable[[str], None]) -> None:
+                    main_process: bool, note: Callable[[str], None],
+                    typed_entry: Callable[[Mapping, str], Any] = lambda entry, where: entry) -> None:
         """Fail while planning (seconds), not in a job hours later: every model must be obtainable here (a
         local path: config, weights and hashes checked); raise StudyPlanError naming the first that is not
         (not while preflight plans: it reports them itself). A finished base folder that lost its weights or
         config gets its rebuild marker touched, which makes its base_model job rerun (Snakemake's --forcerun
         is not settable from a Snakefile); ``note`` says so (main process only). Markers are created older than
         any base folder, so a new marker alone reruns nothing. ``availability_problem``/``repair_problem``:
-        trace/base_model.py's; paths are relative to the working directory."""
+        trace/base_model.py's; ``typed_entry(entry, 'models.<name>')``: the entry as it takes it
+        (trace.settings.PretrainedModel.from_mapping); paths are relative to the working directory."""
         for name, entry in self.base_entries.items():
-            problem = availability_problem(name, entry, Path(BASE_DIR) / name, self.section_of(name))
+            section = self.section_of(name)
+            problem = availability_problem(name, typed_entry(entry, f"{section}.{name}"), Path(BASE_DIR) / name, section)
             if problem and not preflight:
                 raise StudyPlanError(problem)
             marker = Path(REBUILD_MARKER.format(model=name))
@@ -347,3 +350,65 @@ class StudyPlan:
             if broken and main_process and not preflight:
                 note(f"rebuilding: {broken}; its base_model job reruns, finished runs and evaluations on it are kept")
                 marker.touch()
+
+    # ---------------------------------------------------------------------------------- report
+    def report_settings(self) -> dict:
+        """The --cfg of the aggregate's report and of a results cache (trace.settings.ReportJob)."""
+        settings = {"benchmarks": self.config["eval"]["benchmarks"], "methods": self.methods,
+                    "ablations": self.ablations}
+        if self.study == "paper":  # ours beside the paper's numbers (trace/paper_results.csv)
+            settings["compare_to_paper"] = True
+            settings["paper_models"] = {name: entry["paper_model"] for name, entry in self.config["models"].items()
+                                        if entry.get("paper_model")}
+        return settings
+
+    def report_outputs(self, root: str) -> dict[str, str | list[str]]:
+        """Every table and figure the report draws under root (results/, or a cache folder)."""
+        ablations = [name for name in ("annotator_tiers", "mask_localisation") if self.ablations.get(name)]
+        paper = ([f"{root}/tables/main_results_vs_paper.csv"]
+                 + [f"{root}/tables/paper_figure_numbers.{ext}" for ext in ("md", "csv")]) if self.study == "paper" else []
+        return {
+            "table_md": f"{root}/tables/main_results.md",
+            "table_csv": f"{root}/tables/main_results.csv",
+            "versus_grpo": [f"{root}/tables/vs_grpo.md", f"{root}/tables/vs_grpo.csv"],
+            "mechanism": [f"{root}/tables/mechanism.md", f"{root}/tables/mechanism.csv"],
+            "teacher_gap": [f"{root}/tables/teacher_gap.md", f"{root}/tables/teacher_gap.csv"],
+            "figures": [f"{root}/figures/{name}.png" for name in
+                        ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics", "fig6_credit_map")],
+            "ablations": [f"{root}/{kind}/{name}.{ext}" for name in ablations
+                          for kind, ext in (("tables", "md"), ("tables", "csv"), ("figures", "png"))],
+            "versus_paper": paper,
+        }
+
+    def report_entry(self, path: str) -> tuple[str, str, str]:
+        """(category, subcategory, caption file) of one report output in ``snakemake --report`` (REPORT_ENTRIES);
+        the caption file must exist under workflow/report/."""
+        key = f"{Path(path).parent.name}/{Path(path).stem}"
+        if key not in REPORT_ENTRIES:
+            raise StudyPlanError(f"{path}: no entry in REPORT_ENTRIES (trace/study_plan.py) for the report")
+        category, subcategory, caption = REPORT_ENTRIES[key]
+        if not (self.repo / "workflow" / "report" / f"{caption}.rst").is_file():  # Snakemake looks only at --report
+            raise StudyPlanError(f"{path}: its report caption workflow/report/{caption}.rst does not exist")
+        return category, subcategory, f"../report/{caption}.rst"
+
+
+# `snakemake --report report.html` (docs/html-report.md): each table and figure the report rule draws, under
+# the paper's table or figure it reproduces, captioned by workflow/report/<caption>.rst. Keyed by
+# tables/<name> (its .md and .csv share the entry) or figures/<name>.
+REPORT_ENTRIES = {  # key: (category, subcategory, caption)
+    "tables/main_results": ("Table 2: main results", "ours", "main_results"),
+    "tables/main_results_vs_paper": ("Table 2: main results", "beside the paper", "main_results_vs_paper"),
+    "tables/vs_grpo": ("Table 2: main results", "gain over GRPO", "vs_grpo"),
+    "tables/annotator_tiers": ("Table 3: annotator tiers", "table", "annotator_tiers"),
+    "tables/mask_localisation": ("Table 4: mask localisation", "table", "mask_localisation"),
+    "figures/fig1a_entropy": ("Fig 1a: entropy", "figure", "fig1a_entropy"),
+    "figures/validation_curves": ("Fig 3: validation and training reward", "figure", "validation_curves"),
+    "figures/mask_localisation": ("Fig 4: mask localisation curves", "figure", "fig4_mask_localisation"),
+    "figures/fig6_credit_map": ("Fig 6: credit map", "credit map", "fig6_credit_map"),
+    "tables/mechanism": ("Fig 6: credit map", "mechanism numbers", "mechanism"),
+    "figures/annotator_tiers": ("Fig 7: annotator tier curves", "figure", "fig7_annotator_tiers"),
+    "figures/fig8_dynamics": ("Fig 8: length, entropy, SRPO", "figure", "fig8_dynamics"),
+    "tables/paper_figure_numbers": ("Figure numbers beside the paper", "table", "paper_figure_numbers"),
+    "figures/training_curves": ("Training curves", "figure", "training_curves"),
+    "tables/teacher_gap": ("Teacher check", "table", "teacher_gap"),
+}

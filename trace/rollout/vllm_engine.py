@@ -20,7 +20,7 @@ with the prompts tokenised and left-padded by the same tokenizer call, the compl
   (seed, step): the same step samples the same rollouts again on a resumed run.
 * Log-probs: ``logprobs_mode="processed_logprobs"``, the log-probs vLLM samples from: log_softmax of
   logits / T, then restricted to top-k / top-p and renormalised. With top-k and top-p off (top_k ≤ 0,
-  top_p = 1) this is exactly the trainer's log_softmax(logits / T) (trace/train/logprobs.py), so the
+  top_p = 1) this is exactly the trainer's log_softmax(logits / T) (trace/logprobs.py), so the
   two agree to float rounding (tests/test_rollout_vllm.py). With truncation on, vLLM's value is the
   truncated behaviour policy's log-prob, larger than the trainer's by −log(kept mass); the default
   ``raw_logprobs`` would instead be the temperature-1 distribution, which the trainer never computes

@@ -20,18 +20,14 @@ else:
     base_model_lib = _load_by_path("trace_base_model", "trace/base_model.py")
     settings_lib = _load_by_path("trace_settings", "trace/settings.py")
 
-    def _typed_availability_problem(name, entry, out_dir, section):
-        """base_model.availability_problem on the entry as typed settings (checked, defaults filled)."""
-        return base_model_lib.availability_problem(
-            name, settings_lib.PretrainedModel.from_mapping(entry, f"{section}.{name}"), out_dir, section)
-
     # Fail while planning (seconds), not in a job hours later: every model must be obtainable here (a
     # local path: config, weights and hashes checked). A finished base folder that lost its weights or
     # config is rebuilt: its marker input (study_plan.REBUILD_MARKER) is touched, which makes its base_model
     # job rerun; what was trained and evaluated on it stays (common.smk base_folder). PLAN.check_bases.
     try:
-        PLAN.check_bases(_typed_availability_problem, base_model_lib.repair_problem, preflight=PREFLIGHT,
-                         main_process=workflow.is_main_process, note=lambda text: print(text, file=sys.stderr))
+        PLAN.check_bases(base_model_lib.availability_problem, base_model_lib.repair_problem, preflight=PREFLIGHT,
+                         main_process=workflow.is_main_process, note=lambda text: print(text, file=sys.stderr),
+                         typed_entry=settings_lib.PretrainedModel.from_mapping)
     except study_plan.StudyPlanError as error:
         raise WorkflowError(f"config error: {error}") from None
 
