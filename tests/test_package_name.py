@@ -25,8 +25,8 @@ def test_job_start_up_skips_scikit_learn_but_generation_still_works():
     HF generation must still import and run, and scikit-learn stays importable for lm-eval."""
     code = (
         "import sys\n"
-        "from trace.cli import _skip_sklearn_in_transformers\n"
-        "_skip_sklearn_in_transformers()\n"
+        "from trace.runtime import skip_sklearn_in_transformers\n"
+        "skip_sklearn_in_transformers()\n"
         "import torch, transformers\n"
         "from transformers.generation.utils import GenerationMixin\n"
         "assert 'sklearn' not in sys.modules, 'transformers imported scikit-learn'\n"

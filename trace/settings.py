@@ -68,12 +68,26 @@ def _check(value: Any, node: dict, where: str) -> None:
     validator = jsonschema.Draft202012Validator({**node, "$defs": schema()["$defs"]})
     error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     if error is not None:
+        alternatives = _unmet_alternatives(error)
+        if alternatives is not None:  # e.g. a frozen annotator: a model folder, or a prompted served model
+            at = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in alternatives.absolute_path)
+            forms = [" + ".join(f"{where}{at}.{key}" for key in form.get("required", [])) for form in alternatives.validator_value]
+            raise SettingsError(f"{where}{at}: set {', or '.join(form for form in forms if form)}")
         at = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in error.absolute_path)
         if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
             known = sorted(error.schema.get("properties", {}))
             unknown = sorted(set(error.instance) - set(known))
             raise SettingsError(f"{where}{at}: unknown key(s) {unknown}; known: {known}")
         raise SettingsError(f"{where}{at}: {error.message}")
+
+
+def _unmet_alternatives(error):
+    """The innermost ``anyOf`` of required-key forms that the value fits none of (None if the error is another)."""
+    while error is not None:
+        if error.validator == "anyOf" and all(isinstance(f, Mapping) and f.get("required") for f in error.validator_value):
+            return error
+        error = error.parent
+    return None
 
 
 def _settings_type(hint: Any) -> type | None:
@@ -99,6 +113,8 @@ class Settings:
             return values
         if not isinstance(values, Mapping):
             raise SettingsError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
+        if len(cls.SCHEMA) == 1:  # the whole section against its node (closed keys, required forms)
+            _check(values, _node(cls.SCHEMA[0]), where)
         properties = _properties(cls.SCHEMA)
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]

@@ -31,6 +31,7 @@ def build_engine(settings: TrainRun, tokenizer, weights: Path | str, cache_dir: 
     """The run's engine (``train.rollout.engine``). ``weights``: the folder the policy was loaded from
     (the vLLM engine loads its own copy); ``cache_dir``: where vLLM / inductor caches may go;
     ``sampling``: another sampling mapping than ``train.sampling`` (a prompted annotator's)."""
+    settings = TrainRun.from_mapping(settings)  # a mapping is checked and typed here
     sampling = settings.sampling.as_dict() if sampling is None else sampling
     if settings.rollout.engine == "hf":
         return HFRolloutEngine(tokenizer, sampling)
