@@ -147,7 +147,8 @@ def test_opd_k1_is_a_per_token_advantage_in_the_policy_gradient_surrogate():
 def run_config(method, teacher, **overrides):
     cfg = copy.deepcopy(default_train_section())
     cfg.update(method=method, seed=0, thinking=False, steps=2, batch_prompts=4, group_size=4, micro_batch_size=16,
-               lr=1e-3, weight_decay=0.0, save_every=10, teacher_model=str(teacher), **overrides)
+               lr=1e-3, weight_decay=0.0, save_every=10, teacher_model=str(teacher))
+    cfg.update(overrides)
     cfg["sampling"]["max_new_tokens"] = 48
     cfg["validation"]["every"] = 0
     cfg["probe"]["steps"] = []
