@@ -74,6 +74,23 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line_naming_both_fol
         load_external_teacher(tmp_path / "nowhere", student, len(ours), torch.float32, "cpu")
 
 
+def test_a_checkpoint_resumes_only_with_the_same_teacher_weights(tmp_path):
+    """The resume fingerprint of an OPD run hashes its teacher's weights; other runs ignore train.teacher_model."""
+    from trace.settings import replace
+    from trace.train.trainer import run_fingerprint
+
+    torch.set_num_threads(1)
+    ours = train_tokenizer(CORPUS, 270, tmp_path / "tok")
+    student, teacher = model_folder(tmp_path / "student", ours, seed=0), model_folder(tmp_path / "teacher", ours, seed=1)
+    grpo = default_run("grpo")
+    assert run_fingerprint(grpo, student) == run_fingerprint(replace(grpo, teacher_model=str(teacher)), student)
+    opd = default_run("opd", teacher_model=str(teacher))
+    before = run_fingerprint(opd, student)
+    assert run_fingerprint(opd, student) == before
+    model_folder(teacher, ours, seed=2)   # the same folder, other weights (a retrained teacher)
+    assert run_fingerprint(opd, student) != before
+
+
 # ---------------------------------------------------------------------------------------------- the objectives by hand
 P, Q = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]     # student, teacher at every position
 RKL_PQ = 0.5 * math.log(2.5) + 0.3 * math.log(1.5) + 0.2 * math.log(1 / 3)   # 0.360062

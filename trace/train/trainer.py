@@ -479,14 +479,16 @@ def _attempt_log(run: RunDir, start_step: int, steps: int):
         handler.close()
 
 
-def run_fingerprint(settings: TrainRun, base_model: Path) -> str:
+def run_fingerprint(settings: TrainRun | Mapping, base_model: Path) -> str:
     """The run's settings (minus the step budget, checkpoint period and how the job is laid out over
     processes: a checkpoint resumes under another world size), its base weights and an external teacher's."""
     from trace.annotate.local import weights_fingerprint
 
+    settings = TrainRun.from_mapping(settings)  # a mapping (tests) is checked and typed, as by Trainer
     layout = ("steps", "save_every", "parallel", "activation_checkpointing")
     teacher = settings.teacher_model if get_method(settings.method).teacher == "external" else None
-    settings = {k: v for k, v in settings.to_dict().items() if k not in layout}
+    unused = () if teacher is not None else ("teacher_model",)  # as in the run's params (study_plan.train_settings)
+    settings = {k: v for k, v in settings.to_dict().items() if k not in layout + unused}
     text = json.dumps(settings, sort_keys=True, default=str) + weights_fingerprint(base_model)
     if teacher is not None:
         text += weights_fingerprint(teacher)
