@@ -679,3 +679,82 @@ def test_ema_update_direction():
     L.ema_update(teacher, student, rate=0.05)
     assert_close(teacher[0], t([0.95 * 1 + 0.05 * 3, 0.95 * 2 + 0.05 * 6]))  # [1.1, 2.2]: mostly the old teacher
     assert torch.equal(student[0], t([3.0, 6.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# OPD: on-policy distillation from an external teacher (methods opd, opd_topk, opd_k1)
+# ---------------------------------------------------------------------------------------------
+# P = [0.5, 0.3, 0.2] (student), Q = [0.2, 0.2, 0.6] (teacher): KL(p‖q) by hand
+RKL_PQ = 0.5 * math.log(2.5) + 0.3 * math.log(1.5) + 0.2 * math.log(1 / 3)   # = 0.360062…
+
+
+def test_opd_full_rkl_by_hand_from_a_teacher_of_another_width():
+    """The teacher is another model: hidden width 4 (the student's 2) and its own lm_head, over the same 3-token
+    vocabulary. Built so that the logits are exactly log P and log Q: the value is the hand sum, the gradient
+    the hand one, p_v·(log(p_v/q_v) − KL) per logit."""
+    student_h = t([[1.0, 0.0]]).requires_grad_()
+    student_w = torch.stack([t([math.log(v), 0.0]) for v in P]).requires_grad_()        # [V=3, d=2]
+    teacher_h, teacher_w = t([[0.0, 1.0, 0.0, 0.0]]), torch.stack([t([0.0, math.log(v), 5.0, -5.0]) for v in Q])
+    rkl = L.chunked_divergence(student_h, teacher_h, student_w, "rkl", entry_clip=None,
+                               teacher_lm_head_weight=teacher_w)
+    assert rkl.item() == pytest.approx(RKL_PQ, abs=1e-6) and RKL_PQ == pytest.approx(0.360062, abs=1e-6)
+    (grad_w,) = torch.autograd.grad(rkl.sum(), student_w)
+    by_hand = [p * (math.log(p / q) - RKL_PQ) for p, q in zip(P, Q)]   # ∂KL(p‖q)/∂z_v, z = student logits
+    assert_close(grad_w[:, 0], t(by_hand))   # z_v = w_v·h with h = (1, 0): ∂/∂w_v0 = ∂/∂z_v
+    assert_close(grad_w[:, 1], t([0.0, 0.0, 0.0]))
+    # and against the naive all-logits reference, on random widths 3 (student) vs 5 (teacher), chunked by 2
+    torch.manual_seed(0)
+    sh, sw = torch.randn(5, 3, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    th, tw = torch.randn(5, 5), torch.randn(7, 5)
+    chunked = L.chunked_divergence(sh, th, sw, "rkl", chunk_size=2, entry_clip=None, teacher_lm_head_weight=tw)
+    naive = naive_kl_from_hidden(sh, th, sw, tw, "rkl")
+    assert_close(chunked, naive)
+    for ours, ref in zip(torch.autograd.grad(chunked.sum(), (sh, sw)), torch.autograd.grad(naive.sum(), (sh, sw))):
+        assert_close(ours, ref)
+
+
+def test_opd_objective_is_the_weighted_token_mean_of_the_rkl():
+    rkl = t([[0.2, 0.4, 9.0], [0.6, 9.0, 9.0]])               # 9 = padding, never read
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert L.opd_objective(rkl, mask, weight=0.5).item() == pytest.approx(0.5 * (0.2 + 0.4 + 0.6) / 3)
+    # global normalisers: this micro-batch's share of a 6-token batch
+    assert L.opd_objective(rkl, mask, weight=1.0, global_tokens=6.0).item() == pytest.approx(1.2 / 6)
+    assert L.opd_objective(rkl, mask, weight=1.0, agg_mode="seq-mean-token-mean").item() == pytest.approx(
+        ((0.2 + 0.4) / 2 + 0.6) / 2)
+
+
+def test_opd_teacher_top_k_with_tail_bucket_by_hand():
+    """opd_topk: the RKL over the teacher's top-2 ids plus one tail category (the student's mass outside is
+    charged as one): p = uniform over 4, q = (0.6, 0.3, 0.08, 0.02) → categories p (¼, ¼, ½), q (0.6, 0.3, 0.1)."""
+    student, teacher = logits_of([[0.25, 0.25, 0.25, 0.25]]), logits_of([[0.6, 0.3, 0.08, 0.02]])
+    value = L.routed_divergence(student, teacher, "rkl", top_k=2, support="teacher", tail_bucket=True, entry_clip=None)
+    by_hand = 0.25 * math.log(0.25 / 0.6) + 0.25 * math.log(0.25 / 0.3) + 0.5 * math.log(0.5 / 0.1)
+    assert value.item() == pytest.approx(by_hand, abs=1e-6) and by_hand == pytest.approx(0.540272, abs=1e-6)
+    # the full vocabulary's RKL tells the tail's two entries apart: larger (merging categories lowers a KL)
+    full = L.routed_divergence(student, teacher, "rkl", entry_clip=None).item()
+    full_by_hand = sum(0.25 * math.log(0.25 / q) for q in (0.6, 0.3, 0.08, 0.02))
+    assert full == pytest.approx(full_by_hand, abs=1e-6) and full_by_hand == pytest.approx(0.651844, abs=1e-6)
+
+
+def test_opd_k1_advantages_by_hand_and_their_expected_gradient_is_the_reverse_kl():
+    """A_t = −w·(log p(y_t) − log q(y_t)); the PPO surrogate with them, on-policy (ratio 1), has the gradient
+    w·k1·∇log p(y): by hand on one token, and in expectation over y ~ p (3 tokens) exactly w·∇KL(p‖q)."""
+    logp, logq = t([[math.log(0.5), math.log(0.2)]]).requires_grad_(), t([[math.log(0.2), math.log(0.6)]])
+    adv = L.opd_k1_advantages(logp, logq, weight=0.5)
+    assert_close(adv, t([[-0.5 * math.log(2.5), -0.5 * math.log(1 / 3)]]))
+    assert not adv.requires_grad
+    ppo, _ = L.ppo_clip_per_token(logp, logp.detach(), adv)
+    assert_close(ppo, -adv)   # value at ratio 1: w·k1
+    (grad,) = torch.autograd.grad(ppo.sum(), logp)
+    assert_close(grad, -adv)  # ∂/∂log p(y_t) = w·k1_t
+
+    student, teacher = logits_of([P]).requires_grad_(), logits_of([Q])
+
+    def k1_surrogate(lp, lq):  # the trainer's path: advantages, then the clipped surrogate at ratio 1
+        a = L.opd_k1_advantages(lp.view(1, 1), lq.view(1, 1), weight=0.5)
+        return L.ppo_clip_per_token(lp.view(1, 1), lp.detach().view(1, 1), a)[0].sum()
+
+    expected = expected_grad_over_samples(k1_surrogate, student, teacher)
+    rkl_grad = torch.autograd.grad(L.routed_divergence(student, teacher, "rkl", entry_clip=None).sum(), student)[0]
+    assert_close(expected, 0.5 * rkl_grad)
+    assert_close(rkl_grad[0], t([p * (math.log(p / q) - RKL_PQ) for p, q in zip(P, Q)]))

@@ -113,6 +113,8 @@ def test_train_settings_are_train_without_parallel_plus_the_run(toy, paper):
         config = plan.config
         method, annotator = plan.method_and_annotator(run)
         train = {key: value for key, value in config["train"].items() if key != "parallel"}
+        if get_method(method).teacher != "external":  # since OPD: only its runs carry train.teacher_model
+            train.pop("teacher_model", None)
         settings = {**train, "method": method, "annotator": annotator, "seed": int(seed),
                     "thinking": config["thinking"], "teacher_check_on_worse": config["teacher_check"]["on_worse"]}
         if config["study"] != "toy":
@@ -171,6 +173,40 @@ def test_teacher_checks_one_per_base_and_context(toy, paper):
     settings = paper.teacher_gap_settings("qwen3-8b", "label")
     assert (settings["context"], settings["model"], settings["train"]["seed"]) == ("label", "qwen3-8b", 0)
     assert "parallel" not in settings["train"] and settings["teacher_check"]["n_prompts"] == 32
+
+
+def test_an_external_teacher_is_an_input_of_its_runs_and_has_no_teacher_check():
+    """OPD's teacher (train.teacher_model) is built before the runs that read it when it lies under results/ (a
+    base, or a trained run's model/); its runs' settings name it, other runs' settings do not (a new teacher
+    reruns only the OPD runs); and it asks for no teacher check (that compares a self-teacher with the student)."""
+    opd = plan_of(methods=["grpo", "opd", "opd_k1"], train={"teacher_model": "results/base/toy-large"})
+    assert opd.teacher_model_of("opd") == opd.built_teacher("opd_k1") == "results/base/toy-large"
+    assert opd.teacher_model_of("grpo") is None and opd.built_teacher("trace_fkl@frozen") is None
+    assert opd.teacher_context_of("opd") is None and opd.teacher_context_of("trace_fkl") == "label"
+    assert opd.teacher_check_inputs("toy-small", "opd") == {"probe_batch": "results/teacher_gap/toy-small/label.probe.pt"}
+    assert opd.teacher_contexts("toy-large") == ["label"]  # the probe's fixed batch only
+    assert opd.train_settings("opd", 0)["teacher_model"] == "results/base/toy-large"
+    assert "teacher_model" not in opd.train_settings("grpo", 0)
+    assert "teacher_model" not in opd.teacher_gap_settings("toy-small", "label")["train"]
+    assert opd.teacher_problem() is None
+    trained = plan_of(methods=["opd"], train={"teacher_model": "results/train/toy-large/grpo/seed0/model"})
+    assert trained.built_teacher("opd") == "results/train/toy-large/grpo/seed0/model"
+    outside = plan_of(methods=["opd"], train={"teacher_model": "/models/qwen3-8b"})
+    assert outside.teacher_model_of("opd") == "/models/qwen3-8b" and outside.built_teacher("opd") is None
+    # the default study: no OPD run, the key is null and no run's settings carry it (its params are unchanged)
+    assert all("teacher_model" not in plan_of().train_settings(run, 0) for run in plan_of().runs_of("toy-small"))
+    assert plan_of().teacher_problem() is None
+    assert plan_of(methods=["grpo", "opd"]).teacher_problem() == (
+        "method opd distils from an external teacher: set train.teacher_model (a model folder with the student's "
+        "tokenizer, e.g. results/base/<larger base>)")
+    assert plan_of(methods=["opd_topk"], train={"teacher_model": "results/base/toy-large"}).teacher_problem() == (
+        "method opd_topk distils on the teacher's top-K: set train.kl.top_k (it is null)")
+    assert plan_of(methods=["opd_topk"], train={"teacher_model": "results/base/toy-large",
+                                                "kl": {"top_k": 20}}).teacher_problem() is None
+    # the paper study: a pinned base as the teacher enters the run's base identity (its folder is ancient)
+    paper_opd = plan_of("paper.yaml", methods=["grpo", "opd"], train={"teacher_model": "results/base/qwen3-8b"})
+    assert paper_opd.train_bases("qwen3-1.7b", "opd") == paper_opd.base_identity("qwen3-1.7b", "qwen3-8b")
+    assert paper_opd.train_bases("qwen3-1.7b", "grpo") == paper_opd.base_identity("qwen3-1.7b")
 
 
 def test_base_identity_pins_paper_bases_only(toy, paper):

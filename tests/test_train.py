@@ -107,6 +107,9 @@ def test_a_fresh_start_drops_rows_of_a_killed_attempt(tiny_base, toy_data, tmp_p
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"grpo"}))
 def test_every_method_trains_with_its_teacher(method, tiny_base, toy_data, tmp_path):
     cfg = run_config(method, steps=1, save_every=10)
+    if METHODS[method].teacher == "external":  # OPD: a teacher folder with the student's tokenizer (here: itself)
+        cfg.update(teacher_model=str(tiny_base))
+        cfg["kl"]["top_k"] = 5 if METHODS[method].support == "teacher_top_k" else None
     trainer = make_trainer(cfg, tiny_base, toy_data, tmp_path / method)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     trainer.fit()

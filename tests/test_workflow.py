@@ -52,6 +52,26 @@ def test_annotator_tier_runs_get_their_tier_and_the_frozen_annotator_model(tmp_p
     assert "--run-dir results/train/toy-small/trace_fkl@frozen/seed0" in command
 
 
+def test_an_opd_run_waits_for_its_external_teacher_and_has_no_teacher_check(tmp_path):
+    """train.teacher_model = a trained run's model/: that run trains first; the OPD run's settings name the
+    teacher, and it gets no --teacher-gap (the check concerns self-teachers), only the probe's fixed batch."""
+    override = tmp_path / "opd.yaml"
+    override.write_text("methods: [grpo, opd]\ntrain: {teacher_model: results/train/toy-large/grpo/seed0/model}\n")
+    result = snakemake(workdir=tmp_path, *("-n", "-p", "--cores", "2", "--forceall",
+                                           "results/train/toy-small/opd/seed0/metrics.jsonl", "--configfile", str(override)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [line for line in (result.stdout + result.stderr).splitlines() if "-m trace train" in line]
+    teacher_run = next(c for c in commands if "--run-dir results/train/toy-large/grpo/seed0" in c)
+    opd_run = next(c for c in commands if "--run-dir results/train/toy-small/opd/seed0" in c)
+    assert '"teacher_model"' not in teacher_run and "--teacher-gap" not in teacher_run
+    assert '"method": "opd"' in opd_run and '"teacher_model": "results/train/toy-large/grpo/seed0/model"' in opd_run
+    assert "--teacher-gap" not in opd_run and "--probe-batch results/teacher_gap/toy-small/label.probe.pt" in opd_run
+    missing = snakemake(workdir=tmp_path, *("-n", "--cores", "1", "--config", "methods=[grpo,opd]"))
+    assert missing.returncode != 0
+    assert "config error: method opd distils from an external teacher: set train.teacher_model" in (
+        missing.stdout + missing.stderr)
+
+
 def test_ablation_targets_build_only_their_runs(tmp_path):
     result = snakemake(workdir=tmp_path, *("-n", "--cores", "2", "--forceall", "mask_localisation", "--quiet", "rules"))
     assert result.returncode == 0, result.stderr[-2000:]

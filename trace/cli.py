@@ -50,7 +50,7 @@ def cmd_train(args, run):
         from trace.methods import get_method
         from trace.train.teacher_gap import check_teacher
 
-        if get_method(run.method).uses_teacher:
+        if get_method(run.method).self_teacher:  # an external teacher (OPD) is another model: not checked
             check_teacher(Path(args.teacher_gap), run.method, run.teacher_check_on_worse)
     # the Trainer builds the configured annotator tier (train.annotator) itself: the self tier needs its policy
     Trainer(run, Path(args.base), Path(args.train_data), Path(args.run_dir),

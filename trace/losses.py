@@ -10,6 +10,7 @@ Reading order
     5. sampled-token       k1/k2/k3 metrics and a correct-gradient surrogate for the sampled RKL
     6. trace_objective     Eq. 1, line by line
     7. baselines           SDPO, SRPO, RLSD pieces and ema_update
+    8. OPD                 on-policy distillation from an external teacher: full / top-K reverse KL, K1 advantages
 
 Shapes: B sequences, T response positions, V vocabulary, N routed positions (already gathered),
 d hidden size. `mask` is the [B, T] bool response mask (True = a real response token).
@@ -219,7 +220,10 @@ def aggregate(
 #
 # Top-K restricts the categories to a support of K token ids (indices picked without gradient):
 # FKL uses the TEACHER's top-K (where q has mass), RKL the STUDENT's top-K (where p has mass; the
-# teacher's support would leave student mass outside it unpenalised, §8 pitfall). The tail bucket
+# teacher's support would leave student mass outside it unpenalised, §8 pitfall). OPD-top-K (method
+# opd_topk) takes the TEACHER's top-K for its RKL, as a served teacher returning only its top-K log-probs
+# allows, and always with the tail bucket: the student's mass outside that support is then charged as one
+# category (what it does inside the tail is not). The tail bucket
 # appends one category holding 1 − Σ_topK of each distribution, so mass leaving the support is paid
 # for; without it both sides are renormalised over the support. Either way both sides are proper
 # distributions over the same categories and the identity above holds.
@@ -657,3 +661,28 @@ def ema_update(teacher_params: Iterable[Tensor], student_params: Iterable[Tensor
     """
     for teacher, student in zip(teacher_params, student_params, strict=True):
         teacher.lerp_(student.to(teacher.dtype), rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. On-policy distillation (OPD) from an external teacher
+# ---------------------------------------------------------------------------------------------
+# OPD minimises KL(p‖q) on the student's own samples y ~ p, at every response token, toward a fixed
+# stronger teacher q (another model with the same tokenizer), and nothing else: no GRPO term. Two ways:
+#   * exact per position: the full-vocabulary (or teacher-top-K + tail) reverse KL, opd_objective;
+#   * sampled token only (Thinking-Machines-style): a per-token advantage A_t = −(log p(y_t) − log q(y_t))
+#     in the policy-gradient surrogate −A_t·ratio_t; on-policy (ratio = 1) its gradient is
+#     k1·∇log p(y_t) = sampled_rkl_surrogate's, an unbiased single-sample estimate of ∇KL(p_t‖q_t).
+
+
+def opd_objective(rkl_per_token: Tensor, mask: Tensor, *, weight: float = 1.0, agg_mode: str = "token-mean",
+                  global_tokens: Tensor | float | None = None, global_seqs: Tensor | float | None = None,
+                  max_len: int | None = None) -> Tensor:
+    """OPD: weight · agg(KL(p_t‖q_t)) over every response token (GRPO's normalisers, no GRPO term)."""
+    return weight * aggregate(rkl_per_token, mask, agg_mode, global_tokens, global_seqs, max_len)
+
+
+def opd_k1_advantages(student_logp: Tensor, teacher_logp: Tensor, weight: float = 1.0) -> Tensor:
+    """Per-token advantages A_t = −weight·(log p(y_t) − log q(y_t)) = −weight·k1, detached, [B, T]: a token the
+    student over-allocates relative to the teacher (k1 > 0) is pushed down. Fed to ppo_clip_per_token in
+    place of GRPO's sequence advantage (one update per batch: ratio 1, the clip never binds)."""
+    return -weight * k1_estimate(student_logp, teacher_logp)

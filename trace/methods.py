@@ -1,8 +1,8 @@
 """Every method of the study as one named setting of the routed objective (TRACE.md §3–4).
 
 A method says which tokens get a KL channel (routing), toward which teacher (weights and
-private context), in which direction (corner / divergence), on which λ schedule. GRPO is the
-method with no channel at all; every other method reduces to it when λ = 0.
+private context), in which direction (corner / divergence) over which categories (support), on which
+λ schedule. GRPO is the method with no channel at all; every other method reduces to it when λ = 0.
 """
 from __future__ import annotations
 
@@ -11,22 +11,36 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    objective: str                 # grpo | trace | sdpo | srpo | rlsd  (which loss assembles the pieces)
+    objective: str                 # grpo | trace | sdpo | srpo | rlsd | opd | opd_k1  (which loss assembles the pieces)
     routing: str = "none"          # router strategy: annotated | all | random | inverted | failed | none
     corner: str | None = None      # trace_fkl (μ_E,μ_K)=(0,1) | trace_rkl (1,0) | trace_both (1,1)
     teacher: str = "none"          # none | synced (re-copied every k steps) | ema | frozen (initial student)
+                                   # | external (a fixed other model, train.teacher_model, same tokenizer)
     teacher_context: str = "label"  # label: annotator's diagnostic type label | reference: reference solution
+                                    # | plain: the student's own prompt (no private context)
     schedule: str = "none"         # λ schedule (trace/schedule.py)
-    divergence: str = "fkl"        # all-token baselines: jsd (SDPO/SRPO)
+    divergence: str = "fkl"        # all-token baselines: jsd (SDPO/SRPO); OPD: rkl
+    support: str = "settings"      # the categories a full-distribution KL sums over: settings = train.kl.top_k /
+                                   # tail_bucket as set (null: the vocabulary) | vocab = the whole vocabulary |
+                                   # teacher_top_k = the teacher's top train.kl.top_k + a tail bucket |
+                                   # sampled = the sampled token only (a K1 policy-gradient estimate)
     needs_annotation: bool = False
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher != "none"
 
+    @property
+    def self_teacher(self) -> bool:
+        """A teacher that is the student's own network (synced / EMA / frozen copy): what the teacher
+        check (rule teacher_gap) tests. An external teacher is another model: no such check."""
+        return self.uses_teacher and self.teacher != "external"
+
 
 _TRACE = dict(objective="trace", teacher="synced", teacher_context="label",
               schedule="warmup_linear_decay", needs_annotation=True)
+
+_OPD = dict(routing="all", teacher="external", teacher_context="plain", schedule="constant", divergence="rkl")
 
 METHODS: dict[str, MethodSpec] = {
     "grpo": MethodSpec(objective="grpo"),
@@ -45,6 +59,11 @@ METHODS: dict[str, MethodSpec] = {
                        schedule="constant", divergence="jsd"),
     "rlsd": MethodSpec(objective="rlsd", routing="all", teacher="synced", teacher_context="reference",
                        schedule="warmup_linear_decay"),
+    # On-policy distillation (OPD) from an external teacher: reverse KL(student ‖ teacher) on every token of
+    # the student's own samples, for the whole run (λ = w0), no GRPO term; three estimators of the same KL.
+    "opd": MethodSpec(objective="opd", support="vocab", **_OPD),
+    "opd_topk": MethodSpec(objective="opd", support="teacher_top_k", **_OPD),
+    "opd_k1": MethodSpec(objective="opd_k1", support="sampled", **_OPD),
 }
 
 

@@ -82,16 +82,20 @@ def label_to_teacher_prefix(label: str) -> str:
 
 
 def teacher_prompt(tokenizer, record: dict, context: str, label_prefix: str | None, thinking: bool) -> str:
-    """The teacher's prompt for one rollout: the student's prompt plus a private system turn.
+    """The teacher's prompt for one rollout: the student's prompt plus a private system turn (if any).
 
     context='label': TRACE's diagnostic type label (no span text, no positions); a rollout without an
     annotation gets the plain student prompt (it has no routed tokens anyway).
     context='reference': the reference solution (SDPO/SRPO/RLSD-style privileged information).
+    context='plain': no private turn, the student's own prompt (OPD's external teacher: a stronger model,
+    not a better-informed copy).
     """
     if context == "label":
         prefix = label_prefix
     elif context == "reference":
         prefix = reference_context(record)
+    elif context == "plain":
+        prefix = None
     else:
-        raise ValueError(f"unknown teacher context {context!r} (method.teacher_context): label | reference")
+        raise ValueError(f"unknown teacher context {context!r} (method.teacher_context): label | reference | plain")
     return render_prompt(tokenizer, record, thinking, system_prefix=prefix)

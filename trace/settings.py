@@ -364,6 +364,7 @@ class TrainRun(Settings):
     sampling: Sampling
     kl: KL
     annotator: Annotator
+    teacher_model: str | None   # the external teacher's folder (methods with teacher "external": OPD)
     validation: Validation
     probe: Probe
     # the run's identity (the train rule adds these to the train section)

@@ -46,8 +46,8 @@ class StudyPlanError(ValueError):
 class StudyPlan:
     """The grid of one validated study config: its runs, their files, and each job's settings.
 
-    ``get_method`` is trace/methods.py's ``get_method`` (run name -> MethodSpec with ``uses_teacher``
-    and ``teacher_context``): passed in, so this file stays loadable on its own."""
+    ``get_method`` is trace/methods.py's ``get_method`` (run name -> MethodSpec with ``teacher``,
+    ``self_teacher``, ``teacher_context`` and ``support``): passed in, so this file stays loadable on its own."""
 
     def __init__(self, config: Mapping, repo: str | Path, get_method: Callable[[str], Any]):
         self.config = config
@@ -86,6 +86,21 @@ class StudyPlan:
         missing = [b for b in self.benchmarks if b not in self.config["real_data"]["eval_sets"]]
         if missing:
             return f"eval.benchmarks {missing} are not prepared: add them to real_data.eval_sets"
+        return None
+
+    def teacher_problem(self) -> str | None:
+        """A run distilling from an external teacher (OPD) needs train.teacher_model, and one on the teacher's
+        top-K (opd_topk) train.kl.top_k."""
+        train = self.config["train"]
+        for model in self.models:
+            for run in self.runs_of(model):
+                name = self.method_and_annotator(run)[0]
+                method = self.get_method(name)
+                if method.teacher == "external" and not train.get("teacher_model"):
+                    return (f"method {name} distils from an external teacher: set train.teacher_model (a model "
+                            "folder with the student's tokenizer, e.g. results/base/<larger base>)")
+                if method.support == "teacher_top_k" and train["kl"].get("top_k") is None:
+                    return f"method {name} distils on the teacher's top-K: set train.kl.top_k (it is null)"
         return None
 
     def train_gpus_problem(self, launch_resources: Mapping) -> str | None:
@@ -162,6 +177,18 @@ class StudyPlan:
         model = annotator.get("model")
         return model if model and model.startswith("results/") else None
 
+    def teacher_model_of(self, run: str) -> str | None:
+        """The external teacher's folder of a run (train.teacher_model, for a method whose teacher is external:
+        OPD), else None: a self-teacher is the student's own network."""
+        method = self.get_method(self.method_and_annotator(run)[0])
+        return self.config["train"].get("teacher_model") if method.teacher == "external" else None
+
+    def built_teacher(self, run: str) -> str | None:
+        """A run's external teacher when this workflow builds it (a path under results/: a base such as
+        results/base/toy-large, or a trained run's model/ folder), so the run waits for it; else None."""
+        model = self.teacher_model_of(run)
+        return model if model and model.startswith("results/") else None
+
     def base_identity(self, *models: str) -> str:
         """A short hash of the config entries of these base models ('' in the toy study)."""
         if not self.pinned_bases:
@@ -171,15 +198,18 @@ class StudyPlan:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def train_bases(self, model: str, run: str) -> str:
-        """Identity of the base models a run starts from and is annotated by."""
+        """Identity of the base models a run starts from, is annotated by and (OPD) distils from."""
         annotator = self.base_of(self.method_and_annotator(run)[1].get("model") or "")
-        return self.base_identity(model, *([annotator] if annotator is not None else []))
+        teacher = self.base_of(self.teacher_model_of(run))
+        return self.base_identity(model, *[base for base in (annotator, teacher) if base is not None])
 
     def train_settings(self, run: str, seed) -> dict:
         """The settings of one training run (`python -m trace train --cfg`)."""
         method, annotator = self.method_and_annotator(run)
-        # `parallel` only shapes the launch (it may change between attempts without rerunning a run)
-        train = {key: value for key, value in self.config["train"].items() if key != "parallel"}
+        # `parallel` only shapes the launch (it may change between attempts without rerunning a run);
+        # `teacher_model` is a setting of the runs with an external teacher only (a new teacher reruns only them)
+        dropped = {"parallel"} | ({"teacher_model"} if self.teacher_model_of(run) is None else set())
+        train = {key: value for key, value in self.config["train"].items() if key not in dropped}
         settings = {**train, "method": method, "annotator": annotator, "seed": int(seed),
                     "thinking": self.config["thinking"], "teacher_check_on_worse": self.teacher_check["on_worse"]}
         if self.study != "toy":  # trained only on the data source the config asks for (checked against the manifest)
@@ -206,9 +236,11 @@ class StudyPlan:
 
     # ---- the teacher check ---------------------------------------------------------------------------------
     def teacher_context_of(self, run: str) -> str | None:
-        """The private context of a run's teacher (label | reference), or None for a run without one."""
+        """The private context of a run's self-teacher (label | reference), or None for a run without one:
+        no teacher (GRPO), or an external teacher (OPD), which the teacher check does not concern (it
+        compares the student's own network with and without a private turn)."""
         method = self.get_method(self.method_and_annotator(run)[0])
-        return method.teacher_context if method.uses_teacher else None
+        return method.teacher_context if method.self_teacher else None
 
     def teacher_contexts(self, model: str) -> list[str]:
         """The contexts checked on one model: those of its runs, plus label for the probe's fixed batch."""
@@ -234,7 +266,7 @@ class StudyPlan:
                         for name in ("gap", "probe_batch") if name in inputs)
 
     def teacher_gap_settings(self, model: str, context: str) -> dict:
-        return {"train": {**{k: v for k, v in self.config["train"].items() if k != "parallel"},
+        return {"train": {**{k: v for k, v in self.config["train"].items() if k not in ("parallel", "teacher_model")},
                           "seed": 0, "thinking": self.config["thinking"]},
                 "teacher_check": self.teacher_check, "context": context, "model": model}
 

@@ -1,7 +1,8 @@
 """The objective of each method family, in a registry keyed by ``MethodSpec.objective`` (verl-style).
 
 An objective turns one micro-batch's clipped PPO surrogate (and, while the KL channel is on, the teacher's
-hidden states) into the loss to backpropagate, logging what it computed. ``OBJECTIVES[name]`` has:
+hidden states) into the loss to backpropagate, logging what it computed. OPD's (opd, opd_k1) use no
+reward at all: the full reverse KL, or a per-token advantage in place of GRPO's. ``OBJECTIVES[name]`` has:
 
     advantages(batch, adv) -> adv      per-token advantages before the surrogate (RLSD reweights them)
     loss(batch, ppo) -> loss           the scalar, normalised by the WHOLE optimizer batch (batch.agg)
@@ -41,28 +42,62 @@ class MicroBatch:
     agg: dict                             # aggregation arguments with the whole batch's normalisers
     srpo_weight_mean: torch.Tensor | None  # SRPO's batch-wide weight normaliser
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    _teacher_sampled: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def temperature(self) -> float:
         return self.settings.sampling.temperature
 
+    def support(self) -> dict:
+        """The categories a full-distribution KL sums over, by the method's ``support`` (trace/methods.py)."""
+        kl, support = self.settings.kl, self.method.support
+        if support == "settings":
+            return dict(top_k=kl.top_k, tail_bucket=kl.tail_bucket)
+        if support == "vocab":
+            return dict(top_k=None)
+        if support == "teacher_top_k":
+            if kl.top_k is None:
+                raise ValueError(f"method {self.settings.method!r} distils on the teacher's top-K: set train.kl.top_k")
+            return dict(top_k=kl.top_k, support="teacher", tail_bucket=True)
+        raise ValueError(f"method {self.settings.method!r}: support {support!r} is not a full-distribution KL")
+
     def divergence(self, where: torch.Tensor, kind: str, name: str, **extra) -> torch.Tensor:
-        """Per-token divergence at the routed positions only (zeros elsewhere). Logs, per routed token over
+        """Per-token divergence at the routed positions only (zeros elsewhere), over the method's support;
+        ``extra`` goes to routed_divergence (beta; entry_clip=None: unclipped). Logs, per routed token over
         the WHOLE batch (sums and counts here, divided by the trainer): the clipped value the loss uses
         (kl/<name>_token_mean), the unclipped one (…_unclipped_token_mean) and the share of tokens whose
         value the per-entry clip scaled down (…_clip_binds_frac)."""
-        kl = self.settings.kl
+        options = {**self.support(), "entry_clip": self.settings.kl.entry_clip, **extra}
         values, scale = losses.chunked_divergence(
             self.hidden[where], self.teacher_hidden[where], self.lm_head, kind,
-            chunk_size=self.settings.logprob_chunk, teacher_lm_head_weight=self.teacher_lm_head, top_k=kl.top_k,
-            tail_bucket=kl.tail_bucket, entry_clip=kl.entry_clip, temperature=self.temperature,
-            return_scale=True, **extra)
+            chunk_size=self.settings.logprob_chunk, teacher_lm_head_weight=self.teacher_lm_head,
+            temperature=self.temperature, return_scale=True, **options)
         n = float(values.numel())
         for metric, total in (("token_mean", values.detach()), ("unclipped_token_mean", values.detach() / scale),
                               ("clip_binds_frac", (scale < 1).float())):
             self.metrics[f"kl/{name}_{metric}_sum"] = float(total.sum())
             self.metrics[f"kl/{name}_{metric}_tokens"] = n
         return losses.tokens_from_positions(values, where)
+
+    def teacher_token_logp(self) -> torch.Tensor:
+        """[b, T] the teacher's log-prob of the sampled tokens (0 at padding), no gradient; one projection,
+        which also gives the teacher's entropy (log_teacher_entropy_of_sampled)."""
+        if self._teacher_sampled is None:
+            flat, entropy = gather_logprobs(self.teacher_hidden[self.mask], self.teacher_lm_head,
+                                            self.targets[self.mask], self.temperature, self.settings.logprob_chunk)
+            self._teacher_sampled = (losses.tokens_from_positions(flat.detach(), self.mask), entropy)
+        return self._teacher_sampled[0]
+
+    def log_teacher_entropy_of_sampled(self) -> None:
+        """The teacher's entropy at every completion token, from teacher_token_logp's projection."""
+        self.teacher_token_logp()
+        entropy = self._teacher_sampled[1]
+        self.metrics.update(teacher_entropy_sum=float(entropy.sum()), teacher_entropy_tokens=float(entropy.numel()))
+
+    def log_token_mean(self, name: str, per_token: torch.Tensor, where: torch.Tensor) -> None:
+        """A per-token value logged per token of ``where`` over the whole batch (sum and count here)."""
+        self.metrics[f"{name}_sum"] = float(per_token.detach()[where].sum())
+        self.metrics[f"{name}_tokens"] = float(where.sum())
 
     def teacher_entropy(self, where: torch.Tensor) -> torch.Tensor:
         """The teacher's entropy at the given positions, flat."""
@@ -145,6 +180,36 @@ def rlsd_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
     return grpo_loss(batch, ppo)
 
 
+def log_sampled_rkl(batch: MicroBatch) -> None:
+    """OPD's sampled-token estimates of KL(p‖q) at every completion token (Schulman's k1 and k3, metrics
+    only): the same numbers for every OPD estimator, so its variants can be compared."""
+    logp, teacher_logp = batch.logp.detach(), batch.teacher_token_logp()
+    for name, estimate in (("k1", losses.k1_estimate), ("k3", losses.k3_estimate)):
+        batch.log_token_mean(f"kl/opd_sampled_{name}_token_mean", estimate(logp, teacher_logp), batch.mask)
+
+
+def opd_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    """OPD: λ·KL(p_t‖q_t) (reverse) at every completion token toward the external teacher, over the method's
+    support (opd: the vocabulary; opd_topk: the teacher's top-K + tail), unclipped; no GRPO term (ppo unused)."""
+    rkl = batch.divergence(batch.mask, "rkl", "opd", entry_clip=None)
+    log_sampled_rkl(batch)
+    batch.log_teacher_entropy_of_sampled()
+    return losses.opd_objective(rkl, batch.mask, weight=batch.lam, **batch.agg)
+
+
+def opd_k1_advantages(batch: MicroBatch, adv: torch.Tensor) -> torch.Tensor:
+    """OPD-K1: the sequence advantage is replaced by A_t = −λ·(log p(y_t) − log q(y_t)) per token."""
+    return losses.opd_k1_advantages(batch.logp, batch.teacher_token_logp(), weight=batch.lam)
+
+
+def opd_k1_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    """The policy-gradient surrogate with OPD-K1's per-token advantages (GRPO's aggregation, no reward term)."""
+    log_sampled_rkl(batch)
+    batch.log_token_mean("kl/opd_token_mean", losses.k1_estimate(batch.logp, batch.teacher_token_logp()), batch.mask)
+    batch.log_teacher_entropy_of_sampled()
+    return grpo_loss(batch, ppo)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     loss: Callable[[MicroBatch, torch.Tensor], torch.Tensor]
@@ -157,6 +222,8 @@ OBJECTIVES: dict[str, Objective] = {
     "sdpo": Objective(sdpo_loss),
     "srpo": Objective(srpo_loss),
     "rlsd": Objective(rlsd_loss, rlsd_advantages),
+    "opd": Objective(opd_loss),
+    "opd_k1": Objective(opd_k1_loss, opd_k1_advantages),
 }
 
 

@@ -46,7 +46,7 @@ from trace.train.objectives import MicroBatch, objective_for
 from trace.train.probe import (ProbedPolicy, fixed_batch_row, fixed_batch_scores, load_fixed_batch,
                                probe_after_update, probe_before_update)
 from trace.train.run_files import RunDir, load_records, require_model_folder
-from trace.train.teacher import Teacher
+from trace.train.teacher import Teacher, load_external_teacher
 from trace.train.validation import HeldOutValidation
 from trace.verify import grade_many
 
@@ -73,6 +73,11 @@ class Trainer:
         self.dist = Distributed(settings.device)  # one plain process unless launched by torchrun
         self.device = self.dist.device
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        if self.method.teacher == "external":
+            if settings.teacher_model is None:
+                raise ValueError(f"method {settings.method!r} distils from an external teacher: set "
+                                 "train.teacher_model (a model folder with the student's tokenizer)")
+            require_model_folder(Path(settings.teacher_model), "teacher model (train.teacher_model)")
         self.fingerprint = run_fingerprint(settings, base_model)
         self.start_step = self._resume_step()
         dtype = getattr(torch, settings.dtype)
@@ -96,11 +101,17 @@ class Trainer:
         self.teacher = None
         if self.method.uses_teacher and self.schedule.teacher_forward_needed(self.start_step):
             # frozen = the initial student: load the base weights even when resuming. A sharded policy
-            # cannot be copied: under torchrun the teacher loads the policy's weights file and is sharded too
+            # cannot be copied: under torchrun the teacher loads the policy's weights file and is sharded too.
+            # external = another model (train.teacher_model), checked to share the student's tokenizer
             frozen = self.method.teacher == "frozen"
-            source = (AutoModelForCausalLM.from_pretrained(base_model if frozen else weights,
-                                                           dtype=self.dist.storage_dtype(dtype)).to(self.device)
-                      if frozen or self.dist.active else self.policy)
+            if self.method.teacher == "external":
+                source = load_external_teacher(Path(settings.teacher_model), base_model,
+                                               self.policy.get_output_embeddings().weight.shape[0],
+                                               self.dist.storage_dtype(dtype), self.device)
+            else:
+                source = (AutoModelForCausalLM.from_pretrained(base_model if frozen else weights,
+                                                               dtype=self.dist.storage_dtype(dtype)).to(self.device)
+                          if frozen or self.dist.active else self.policy)
             self.teacher = Teacher(source, self.method.teacher, kl.teacher_sync_every, kl.ema_rate)
             self.teacher.model = self.dist.prepare(self.teacher.model, dtype)
         # mechanism probe steps (train.probe.steps): the same for every method, annotated for every method
@@ -155,7 +166,7 @@ class Trainer:
         self.dist.barrier()
         self.dist.save(self.policy, self.optimizer, tmp)  # under torchrun the optimizer state goes to DCP
         # synced and EMA teachers differ from the policy between syncs: a resume needs their weights
-        # (frozen = the base weights, reloaded from the base folder)
+        # (frozen = the base weights, reloaded from the base folder; external = train.teacher_model, reloaded)
         teacher_state = (self.dist.model_state(self.teacher.model)
                          if self.teacher is not None and self.teacher.mode in ("ema", "synced") else None)
         if self.dist.is_main:
@@ -468,14 +479,19 @@ def _attempt_log(run: RunDir, start_step: int, steps: int):
         handler.close()
 
 
-def run_fingerprint(settings: TrainRun, base_model: Path) -> str:
+def run_fingerprint(settings: TrainRun | Mapping, base_model: Path) -> str:
     """The run's settings (minus the step budget, checkpoint period and how the job is laid out over
-    processes: a checkpoint resumes under another world size) and its base weights."""
+    processes: a checkpoint resumes under another world size), its base weights and an external teacher's."""
     from trace.annotate.local import weights_fingerprint
 
+    settings = TrainRun.from_mapping(settings)  # a mapping (tests) is checked and typed, as by Trainer
     layout = ("steps", "save_every", "parallel", "activation_checkpointing")
-    settings = {k: v for k, v in settings.to_dict().items() if k not in layout}
+    teacher = settings.teacher_model if get_method(settings.method).teacher == "external" else None
+    unused = () if teacher is not None else ("teacher_model",)  # as in the run's params (study_plan.train_settings)
+    settings = {k: v for k, v in settings.to_dict().items() if k not in layout + unused}
     text = json.dumps(settings, sort_keys=True, default=str) + weights_fingerprint(base_model)
+    if teacher is not None:
+        text += weights_fingerprint(teacher)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -38,9 +38,9 @@ def base_folder(model):
     return ancient(path) if PLAN.pinned_bases else path
 
 
-def annotator_folder(path):
-    """An annotator model the workflow builds (PLAN.built_annotator) as an input: a base folder as
-    base_folder gives it, another result as is; none: no input."""
+def built_model_folder(path):
+    """A model the workflow builds for a job (PLAN.built_annotator, PLAN.built_teacher) as an input: a base
+    folder as base_folder gives it, another result (a trained run's model/) as is; none: no input."""
     base = PLAN.base_of(path)
     return [base_folder(base)] if base is not None else [path] if path else []
 

@@ -11,7 +11,7 @@ rule teacher_gap:
     input:
         base=lambda wc: base_folder(wc.model),  # ancient in the paper study: a rebuilt base keeps the checks
         data=TRAIN_DATA,
-        annotator_model=lambda wc: annotator_folder(PLAN.built_annotator()),
+        annotator_model=lambda wc: built_model_folder(PLAN.built_annotator()),
     output:
         gap="results/teacher_gap/{model}/{context}.json",
         probe_batch="results/teacher_gap/{model}/{context}.probe.pt",

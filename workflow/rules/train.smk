@@ -2,20 +2,21 @@ launch = _load_by_path("trace_launch", "trace/launch.py")
 TRAIN_LAUNCHER = launch.train_launcher(config["train"], PYTHON)  # python | torchrun | srun + torchrun
 # the job's size and placement from resources.train, its shape from train.parallel (PLAN.train_resources)
 _launch_shape = launch.train_resources(config["train"])
-_problem = PLAN.train_gpus_problem(_launch_shape)
+_problem = PLAN.train_gpus_problem(_launch_shape) or PLAN.teacher_problem()
 if _problem:
     raise WorkflowError(f"config error: {_problem}")
 TRAIN_RESOURCES = PLAN.train_resources(study_config.job_resources(config, "train", REPO), _launch_shape)
 
 
 rule train:
-    """One RL run (GRPO, TRACE or a baseline; '<method>@<tier>' = an annotator-tier ablation). Resumes from results/train/.../work/checkpoint."""
+    """One RL run (GRPO, TRACE, a baseline or OPD; '<method>@<tier>' = an annotator-tier ablation). Resumes from results/train/.../work/checkpoint."""
     input:
         unpack(lambda wc: PLAN.teacher_check_inputs(wc.model, wc.method)),
         base=lambda wc: base_folder(wc.model),
         data=TRAIN_DATA,
         val_data=VAL_DATA,
-        annotator_model=lambda wc: annotator_folder(PLAN.built_annotator(wc.method)),
+        annotator_model=lambda wc: built_model_folder(PLAN.built_annotator(wc.method)),
+        teacher_model=lambda wc: built_model_folder(PLAN.built_teacher(wc.method)),  # OPD's external teacher
     output:
         model=directory("results/train/{model}/{method}/seed{seed}/model"),
         metrics="results/train/{model}/{method}/seed{seed}/metrics.jsonl",
