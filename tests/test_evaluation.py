@@ -232,6 +232,15 @@ def _check_scripted(result, records, k, n_correct):
     assert result["pass_at_k"]["1"] == pytest.approx(result["avg_at_k"])
     low, high = result["ci95_avg_at_k"]
     assert low <= result["avg_at_k"] <= high
+    # calibration: the right samples give the gold, the others no answer (one answer of its own); the right
+    # ones come first, so a tie goes to the gold
+    counts = [min(n_correct(r), k) for r in records]
+    calibration = result["calibration"]
+    assert [p["id"] for p in calibration["per_problem"]] == [r["id"] for r in records]
+    assert [p["confidence"] for p in calibration["per_problem"]] == [max(c, k - c) / k for c in counts]
+    assert [p["majority_correct"] for p in calibration["per_problem"]] == [0 < c and c >= k - c for c in counts]
+    assert [p["n_no_answer"] for p in calibration["per_problem"]] == [k - c for c in counts]
+    assert calibration["n_bins"] == 10 and sum(b["count"] for b in calibration["reliability"]) == len(records)
 
 
 @pytest.mark.parametrize("thinking", [False, True])
@@ -249,6 +258,12 @@ def test_scripted_model_scores_every_sample(tmp_path, tokenizer, thinking):
                       k=k, gen=GEN, thinking=thinking, lm=lm)
     _check_scripted(result, records, k, n_correct)
     assert set(lm.calls.values()) == {k}  # k requests per problem reached the model
+    # 0..4 right of 4, twice: confidence 1, .75, .5, .75, 1, majority wrong, wrong, right, right, right; by hand,
+    # ECE = 4/10 · |.5 − 1| + 4/10 · |.5 − .75| + 2/10 · |1 − .5| = 0.4, Brier = 2 · (1 + .5625 + .25 + .0625 + 0) / 10
+    calibration = result["calibration"]
+    assert calibration["ece"] == pytest.approx(0.4) and calibration["brier"] == pytest.approx(0.375)
+    assert calibration["mean_confidence"] == pytest.approx(0.8) and calibration["majority_accuracy"] == pytest.approx(0.6)
+    assert json.loads((tmp_path / "mixed.json").read_text())["calibration"] == calibration
 
 
 def test_scripted_model_on_the_five_real_benchmarks(tmp_path, tokenizer, real_eval_dir):

@@ -32,6 +32,8 @@ CATEGORIES = {
     "tables/paper_figure_numbers": "Figure numbers beside the paper",
     "figures/training_curves": "Training curves",
     "tables/teacher_gap": "Teacher check",
+    "tables/calibration": "Calibration: agreement over k samples",
+    "figures/calibration": "Calibration: agreement over k samples",
 }
 
 

@@ -193,8 +193,11 @@ def test_paper_smoke_study_runs_end_to_end_on_cpu(tmp_path):
     for name in smoke["eval"]["benchmarks"]:
         result_json = json.loads((evals[0].parent / f"{name}.json").read_text())
         assert result_json["n_problems"] == smoke["eval"]["limit"]
+        assert len(result_json["calibration"]["per_problem"]) == smoke["eval"]["limit"]  # agreement confidence
     table = (results / "tables" / "main_results.md").read_text()
     assert "qwen3-8b-smoke" in table and "GPQA-D" in table
+    assert "qwen3-8b-smoke" in (results / "tables" / "calibration.md").read_text()
+    assert (results / "figures" / "calibration.png").is_file()
     # the teacher check ran on every student stand-in and context through the same rule, and is reported
     # (random stand-ins: any verdict, typically 'uninformative'; on_worse: warn keeps the smoke going)
     gaps = {(path.parent.name, path.stem): json.loads(path.read_text())

@@ -9,16 +9,18 @@ import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT
+from test_calibration import AGREE_RIGHT, AGREE_WRONG, HAND, rows_of
 from test_report_paper import CFG, cells, probe, step, write_eval, write_metrics
-from trace.cache import AGGREGATE_FILES, SETTINGS, redraw
+from trace.cache import AGGREGATE_FILES, OPTIONAL_AGGREGATE_FILES, SETTINGS, redraw
 from trace.cli import main
 from trace.report import aggregate
 
 SHIPPED = REPO_ROOT / "results" / "shipped"
 TABLES = {f"{name}.{ext}" for name in ("main_results", "vs_grpo", "mechanism", "annotator_tiers", "mask_localisation",
-                                       "paper_figure_numbers", "teacher_gap") for ext in ("md", "csv")} | {"main_results_vs_paper.csv"}
+                                       "paper_figure_numbers", "teacher_gap", "calibration") for ext in ("md", "csv")} | {
+    "main_results_vs_paper.csv"}
 FIGURES = {f"{name}.png" for name in ("training_curves", "fig1a_entropy", "validation_curves", "fig8_dynamics",
-                                      "fig6_credit_map", "annotator_tiers", "mask_localisation")}
+                                      "fig6_credit_map", "annotator_tiers", "mask_localisation", "calibration")}
 
 
 def shipped_caches():
@@ -45,6 +47,12 @@ def cache(tmp_path_factory):
     write_eval(results, "small", "grpo-seed0", cells(55, 55, 55, 55, 55))
     write_eval(results, "small", "random25-seed0", cells(52, 52, 52, 52, 52))
     write_metrics(results, "small", "random25", [step(0, lam=0.5), step(1)])
+    # samples logs beside a few results (as an evaluation from before issue 23 leaves them): their calibration
+    for model, policy, problems in [("big", "base", HAND), ("big", "grpo-seed0", AGREE_RIGHT),
+                                    ("big", "grpo-seed1", HAND), ("big", "trace_fkl-seed0", AGREE_WRONG),
+                                    ("small", "base", HAND + AGREE_WRONG)]:
+        (results / "eval" / model / policy / "math500.samples.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows_of(problems)))
     aggregate({"benchmarks": CFG["benchmarks"]}, sorted(results.glob("eval/*/*/*.json")),
               sorted(results.glob("train/*/*/seed*/metrics.jsonl")), results / "aggregate")
     cache = root / "cache" / "paper"
@@ -58,9 +66,11 @@ def _files(folder):
 
 
 def test_export_writes_settings_aggregate_tables_and_figures(cache):
-    assert json.loads((cache / SETTINGS).read_text()) == CFG  # the report rule's --cfg
+    # the report rule's --cfg, with the schema's default calibration bins
+    assert json.loads((cache / SETTINGS).read_text()) == {**CFG, "calibration_bins": 10}
     aggregate_dir = cache.parent.parent / "results" / "aggregate"
-    assert _files(cache / "aggregate") == {name: (aggregate_dir / name).read_bytes() for name in AGGREGATE_FILES}
+    assert _files(cache / "aggregate") == {name: (aggregate_dir / name).read_bytes()
+                                           for name in (*AGGREGATE_FILES, *OPTIONAL_AGGREGATE_FILES)}
     assert set(_files(cache / "tables")) == TABLES
     assert set(_files(cache / "figures")) == FIGURES
     assert all(len(data) > 1000 for data in _files(cache / "figures").values())

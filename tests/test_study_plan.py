@@ -308,7 +308,20 @@ def test_report_outputs_and_their_report_entries(toy, paper):
     assert {key.split("/")[0] for key in REPORT_ENTRIES} == {"tables", "figures"}
     with pytest.raises(StudyPlanError, match=r"^results/tables/unknown\.md: no entry in REPORT_ENTRIES"):
         toy.report_entry("results/tables/unknown.md")
+    assert toy.report_outputs("results")["calibration"] == ["results/tables/calibration.md",
+                                                            "results/tables/calibration.csv",
+                                                            "results/figures/calibration.png"]
     no_ablations = plan_of(ablations=None)
     assert not no_ablations.report_outputs("results")["ablations"]
     assert no_ablations.report_settings()["methods"] == toy.methods
     assert paper.report_settings()["compare_to_paper"] is True and paper.report_settings()["paper_models"]
+
+
+def test_calibration_bins_reach_the_evaluation_and_the_report_only_when_set(toy):
+    """Unset (config.yaml), the jobs take the schema's default and the evaluate rule's params stay as they were
+    (finished evaluations are kept); set, both the evaluations and the report get it."""
+    assert "calibration_bins" not in toy.evaluation_settings() and "calibration_bins" not in toy.report_settings()
+    binned = plan_of(eval={**toy.config["eval"], "calibration_bins": 15})
+    assert binned.evaluation_settings()["calibration_bins"] == 15 and binned.report_settings()["calibration_bins"] == 15
+    with pytest.raises(Exception, match="calibration_bins"):
+        plan_of(eval={**toy.config["eval"], "calibration_bins": 0})

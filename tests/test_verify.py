@@ -228,3 +228,23 @@ def test_pool_settings_come_from_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         verify.close_pool()
+
+
+# --------------------------------------------------------------------------- answer keys (agreement confidence)
+
+@pytest.mark.parametrize("response, kind, key", [
+    ("\\boxed{025}", "math", "25"),                 # a plain integer in its shortest form
+    ("so \\boxed{ 25.0 }.", "math", "25"),
+    ("\\boxed{x = 3}", "math", "3"),                # <bare variable> = value: the value, as the grader reads it
+    ("\\boxed{f(x) = 3}", "math", "f(x)=3"),        # any other equation stays whole
+    ("\\boxed{$\\frac{1}{2}$}", "math", "\\frac{1}{2}"),
+    ("\\boxed{\\frac{1}{ 2 }}", "math", "\\frac{1}{2}"),  # whitespace does not count
+    ("\\boxed{\\text{Evelyn}}", "math", "Evelyn"),
+    ("the answer is 12", "math", None),             # no boxed answer: none
+    ("<think>\\boxed{3}", "math", None),            # thinking never closed: none
+    ("<think>\\boxed{3}</think> \\boxed{4}", "math", "4"),
+    ("The answer is (C)", "mc", "C"),
+    ("\\boxed{A, B}", "mc", None),
+])
+def test_answer_key(response, kind, key):
+    assert verify.answer_key(response, kind) == key

@@ -3,6 +3,8 @@ model, a GPU or Snakemake (docs/results-and-caches.md, "Regenerate tables and fi
 
     CACHE/report_settings.json     the report rule's settings (its --cfg, StudyPlan.report_settings(); trace.settings.ReportJob)
     CACHE/aggregate/evals.csv, training_curves.csv, credit_maps.csv, teacher_gap.csv   as `python -m trace aggregate` writes them
+    CACHE/aggregate/calibration.csv   the same, optional: caches from before it existed have none (and no calibration
+                                      table or figure)
     CACHE/tables/, CACHE/figures/  what `python -m trace redraw CACHE` draws from the two above
 
 `python -m trace export-cache` (the export_cache rule) writes one from results/aggregate/; the committed
@@ -19,8 +21,12 @@ from trace.settings import ReportJob
 
 SETTINGS = "report_settings.json"
 AGGREGATE_FILES = ("evals.csv", "training_curves.csv", "credit_maps.csv", "teacher_gap.csv")
+OPTIONAL_AGGREGATE_FILES = ("calibration.csv",)  # copied and drawn where present
 DRAWN = ("tables", "figures")
-LAYOUT = f"a cache folder holds {SETTINGS} and aggregate/{{{','.join(AGGREGATE_FILES)}}}"
+LAYOUT = (f"a cache folder holds {SETTINGS} and aggregate/{{{','.join(AGGREGATE_FILES)}}} "
+          f"(and optionally {', '.join(OPTIONAL_AGGREGATE_FILES)})")
+
+
 def export_cache(job: ReportJob, aggregate_dir: Path, cache_dir: Path) -> None:
     """The aggregate CSVs and the report settings into cache_dir, then its tables and figures redrawn from
     the cache alone (the previous ones removed first, so nothing stale stays in it)."""
@@ -29,6 +35,9 @@ def export_cache(job: ReportJob, aggregate_dir: Path, cache_dir: Path) -> None:
     if missing := [str(path) for path in sources if not path.is_file()]:
         raise FileNotFoundError(f"aggregate file(s) {', '.join(missing)} do not exist (python -m trace aggregate)")
     (cache_dir / "aggregate").mkdir(parents=True, exist_ok=True)
+    for name in OPTIONAL_AGGREGATE_FILES:  # not left over from an earlier export when this aggregate has none
+        (cache_dir / "aggregate" / name).unlink(missing_ok=True)
+    sources += [path for path in (aggregate_dir / name for name in OPTIONAL_AGGREGATE_FILES) if path.is_file()]
     for source in sources:
         shutil.copyfile(source, cache_dir / "aggregate" / source.name)
     (cache_dir / SETTINGS).write_text(json.dumps(job.to_dict(), sort_keys=True, indent=2) + "\n")
@@ -60,6 +69,9 @@ def redraw(cache_dir: Path, out_dir: Path | None = None) -> Path:
             raise FileNotFoundError(f"{cache_dir / 'aggregate' / name} does not exist: {LAYOUT}")
         # every row checked before anything is drawn: a bad CSV leaves the tables already there untouched
         read_aggregate_csv(cache_dir / "aggregate" / name, keep_default_na=name != "credit_maps.csv")
+    for name in OPTIONAL_AGGREGATE_FILES:
+        if (cache_dir / "aggregate" / name).is_file():
+            read_aggregate_csv(cache_dir / "aggregate" / name)
     out_dir = cache_dir if out_dir is None else Path(out_dir)
     write_tables_and_figures(cfg, cache_dir / "aggregate", out_dir)
     return out_dir

@@ -1,6 +1,6 @@
 """Aggregate per-run results into tidy CSVs, then draw every table and figure from those CSVs only.
 
-    results/eval/<model>/<policy>/<benchmark>.json      -> results/aggregate/evals.csv
+    results/eval/<model>/<policy>/<benchmark>.json      -> results/aggregate/evals.csv, calibration.csv
     results/train/<model>/<method>/seed<s>/metrics.jsonl -> results/aggregate/training_curves.csv
     aggregate CSVs -> results/tables/*.md|csv, results/figures/*.png   (no GPU, no model)
 
@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trace.evaluation.calibration import problem_calibration, read_samples_log
+from trace.evaluation.metrics import (CALIBRATION_STATISTICS, bootstrap_calibration_ci, bootstrap_ci,
+                                      calibration_statistics, reliability_bins)
 from trace.settings import ReportJob
 
 VAL = "val/mean_at_k"  # validation mean@k after a step (trainer.validate), logged every validation.every steps
@@ -50,7 +53,7 @@ def aggregate(job: ReportJob, eval_files: list[Path], metrics_files: list[Path],
     """Exactly the given per-run files (the rule's declared inputs) -> the aggregate CSVs; nothing is
     globbed, so results of runs or seeds no longer in the config never reach a table."""
     benchmarks = ReportJob.from_mapping(job).benchmarks
-    eval_rows = []
+    eval_rows, calibration_rows, uncalibrated = [], [], []
     for path in eval_files:
         model, policy, benchmark = path.parts[-3], path.parts[-2], path.stem
         if benchmark not in benchmarks:
@@ -63,6 +66,17 @@ def aggregate(job: ReportJob, eval_files: list[Path], metrics_files: list[Path],
                           "column": benchmarks[benchmark], "k": result["k"], "n_problems": result["n_problems"],
                           "avg_at_k": 100 * result["avg_at_k"], "ci_low": 100 * low, "ci_high": 100 * high,
                           "pass_at_1": 100 * result["pass_at_k"]["1"]})
+        problems = calibration_of(result, path)
+        if problems is None:
+            uncalibrated.append(str(path))
+        calibration_rows += [{"model": model, "method": method, "seed": seed, "benchmark": benchmark,
+                              "column": benchmarks[benchmark], "k": result["k"], **problem}
+                             for problem in problems or []]
+    if uncalibrated:
+        logging.getLogger(__name__).warning(
+            "%d evaluation result(s) have no calibration entry and no samples log beside them, so their problems "
+            "are not in calibration.csv: %s%s", len(uncalibrated), ", ".join(uncalibrated[:3]),
+            ", …" if len(uncalibrated) > 3 else "")
     if not eval_rows:
         raise FileNotFoundError(f"no evaluation results given (--evals) for benchmarks {list(benchmarks)}")
     curve_rows, map_rows = [], []
@@ -82,8 +96,32 @@ def aggregate(job: ReportJob, eval_files: list[Path], metrics_files: list[Path],
     pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *CURVE_COLUMNS]).to_csv(
         out_dir / "training_curves.csv", index=False)
     pd.DataFrame(map_rows, columns=MAP_COLUMNS).to_csv(out_dir / "credit_maps.csv", index=False)
+    pd.DataFrame(calibration_rows, columns=CALIBRATION_COLUMNS).to_csv(out_dir / "calibration.csv", index=False)
     gap_rows = [teacher_gap_row(json.loads(_existing(path).read_text()), path) for path in gap_files]
     pd.DataFrame(gap_rows, columns=GAP_COLUMNS).to_csv(out_dir / "teacher_gap.csv", index=False)
+
+
+# calibration of agreement confidence (trace/evaluation/calibration.py): one row per (policy, benchmark, problem)
+CALIBRATION_COLUMNS = ["model", "method", "seed", "benchmark", "column", "k", "id", "confidence",
+                       "majority_correct", "accuracy"]
+
+
+def calibration_of(result: dict, path: Path) -> list[dict] | None:
+    """One evaluation's problems: id, agreement confidence, majority_correct (0/1) and accuracy (the problem's
+    avg@k score). From the results JSON's ``calibration`` entry; a result written before it existed is
+    scored from its samples log beside it (``<benchmark>.samples.jsonl``: answers and grades, no regrading);
+    None without either."""
+    scores = {str(entry["id"]): entry["score"] for entry in result.get("per_problem") or []}
+    if block := result.get("calibration"):
+        problems = block["per_problem"]
+    elif (samples := path.with_name(f"{path.stem}.samples.jsonl")).is_file():
+        rows = read_samples_log(samples)
+        problems = problem_calibration(rows)
+        scores = scores or {str(row["id"]): sum(row["grades"]) / len(row["grades"]) for row in rows}
+    else:
+        return None
+    return [{"id": str(p["id"]), "confidence": p["confidence"], "majority_correct": int(p["majority_correct"]),
+             "accuracy": scores.get(str(p["id"]))} for p in problems]
 
 
 # the teacher check (trace/train/teacher_gap.py): one row per (model, teacher context), each statistic as
@@ -119,8 +157,10 @@ def teacher_gap_table(gaps: pd.DataFrame) -> pd.DataFrame:
 AGGREGATE_COLUMNS = {"evals.csv": ("model", "method", "seed", "column", "k", "avg_at_k", "ci_low", "ci_high"),
                      "training_curves.csv": ("model", "method", "seed", "step", "lambda"),
                      "credit_maps.csv": tuple(MAP_COLUMNS),
-                     "teacher_gap.csv": ("model", "context", "verdict", "first_error_correct_mean")}
-NUMERIC_COLUMNS = {"k", "avg_at_k", "ci_low", "ci_high", "step", "credit"}
+                     "teacher_gap.csv": ("model", "context", "verdict", "first_error_correct_mean"),
+                     "calibration.csv": tuple(CALIBRATION_COLUMNS)}
+NUMERIC_COLUMNS = {"k", "avg_at_k", "ci_low", "ci_high", "step", "credit", "confidence", "majority_correct",
+                   "accuracy"}
 
 
 def read_aggregate_csv(path: Path, **read_csv) -> pd.DataFrame:
@@ -482,6 +522,126 @@ def mechanism_table(curves: pd.DataFrame) -> pd.DataFrame:
                                        "fixed_lift_mean"])
 
 
+CALIBRATION_BOOTSTRAP = 2000  # resamples of the calibration table's CIs (over problems)
+ALL_BENCHMARKS = "all"        # the calibration table's rows pooled over every benchmark's problems
+CALIBRATION_VALUES = ("avg_at_k", "majority_accuracy", "mean_confidence", "ece", "brier")
+
+
+def _method_order(method: str) -> tuple[int, str]:
+    return {"base": 0, "grpo": 1}.get(method, 2), method
+
+
+def calibration_table(calibration: pd.DataFrame, benchmarks: list[str], n_bins: int,
+                      n_boot: int = CALIBRATION_BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+    """Per (model, method), pooled over its benchmarks' problems (benchmark 'all') and per benchmark: avg@k
+    (the problems' mean accuracy over the k samples), majority accuracy, mean agreement confidence, ECE
+    (n_bins equal-width bins) and Brier score. Each value is the mean over seeds (the base: one), its 95% CI a
+    percentile bootstrap over problems that draws one set of problems for every seed: it covers which problems
+    were drawn, not seed-to-seed variance. A problem enters only where every seed has it."""
+    columns = ["model", "method", "benchmark", "n_seeds", "n_problems", "k", "n_bins",
+               *[f"{name}{part}" for name in CALIBRATION_VALUES for part in ("", "_ci_low", "_ci_high")]]
+    rows = []
+    data = calibration.assign(seed=calibration["seed"].fillna(-1).astype(int), id=calibration["id"].astype(str))
+    for (model, method), policy in data.groupby(["model", "method"]):
+        found = set(policy["benchmark"])
+        scopes = [ALL_BENCHMARKS, *[b for b in benchmarks if b in found], *sorted(found - set(benchmarks))]
+        for scope in scopes:
+            part = policy if scope == ALL_BENCHMARKS else policy[policy["benchmark"] == scope]
+            wide = (part.set_index(["benchmark", "id", "seed"])[["confidence", "majority_correct", "accuracy"]]
+                    .unstack("seed"))
+            wide = wide[wide[["confidence", "majority_correct"]].notna().all(axis=1)]  # in every seed
+            confidence, correct = wide["confidence"].to_numpy().T, wide["majority_correct"].to_numpy().T
+            if confidence.size == 0:
+                continue
+            row = {"model": model, "method": method, "benchmark": scope, "n_seeds": confidence.shape[0],
+                   "n_problems": confidence.shape[1], "k": int(part["k"].max()), "n_bins": int(n_bins)}
+            accuracy = wide["accuracy"].to_numpy().T
+            if np.isnan(accuracy).any():
+                row.update(avg_at_k=np.nan, avg_at_k_ci_low=np.nan, avg_at_k_ci_high=np.nan)
+            else:  # the same resamples as below (same seed, size and count)
+                low, high = bootstrap_ci(accuracy.mean(axis=0), n_boot=n_boot, seed=seed)
+                row.update(avg_at_k=float(accuracy.mean()), avg_at_k_ci_low=low, avg_at_k_ci_high=high)
+            values = calibration_statistics(confidence, correct, n_bins)
+            ci = bootstrap_calibration_ci(confidence, correct, n_bins, n_boot=n_boot, seed=seed)
+            for name in CALIBRATION_STATISTICS:
+                row.update({name: float(values[name].mean()), f"{name}_ci_low": ci[name][0],
+                            f"{name}_ci_high": ci[name][1]})
+            rows.append(row)
+    order = {b: i for i, b in enumerate([ALL_BENCHMARKS, *benchmarks])}
+    rows.sort(key=lambda r: (r["model"], _method_order(r["method"]), order.get(r["benchmark"], len(order)),
+                             r["benchmark"]))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def calibration_markdown(table: pd.DataFrame) -> pd.DataFrame:
+    """The pooled rows (benchmark 'all'), each value as 'value [ci_low, ci_high]'."""
+    pooled = table[table["benchmark"] == ALL_BENCHMARKS]
+    out = pooled[["model", "method", "n_seeds", "n_problems"]].copy()
+    titles = {"avg_at_k": "avg@k", "majority_accuracy": "majority acc", "mean_confidence": "confidence",
+              "ece": "ECE", "brier": "Brier"}
+    for name, title in titles.items():
+        out[title] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if pd.notna(v) else "n/a"
+                      for v, lo, hi in zip(pooled[name], pooled[f"{name}_ci_low"], pooled[f"{name}_ci_high"])]
+    return out.set_index(["model", "method"])
+
+
+def _write_calibration(plt, job: ReportJob, calibration: pd.DataFrame, runs: list[str], tables: Path,
+                       figures: Path) -> None:
+    """tables/calibration.{md,csv} and figures/calibration.png (the reliability diagram)."""
+    table = calibration_table(calibration, list(job.benchmarks), job.calibration_bins)
+    table.round(4).to_csv(tables / "calibration.csv", index=False)
+    k = sorted({int(v) for v in table["k"]}) if len(table) else []
+    header = (f"Calibration of agreement confidence over the k samples (k = {', '.join(map(str, k)) or 'n/a'}; "
+              "trace/evaluation/calibration.py): a problem's confidence is the share of its samples whose final "
+              "answer is the majority answer (no answer counts as one answer), its correctness the grader's verdict "
+              f"on the majority answer. ECE over {job.calibration_bins} equal-width confidence bins "
+              "(eval.calibration_bins), Brier = mean (confidence − correct)², all in [0, 1], beside avg@k (the "
+              "mean per-problem accuracy over the k samples). Rows pooled over every benchmark's problems; the .csv "
+              "also per benchmark. Mean over seeds [95% percentile bootstrap CI over problems, "
+              f"{CALIBRATION_BOOTSTRAP} resamples, one draw of problems for every seed: not seed-to-seed variance]")
+    if table.empty:
+        header += ". No calibration data in the aggregate (evaluations without a calibration entry or samples log)"
+    _write_markdown(calibration_markdown(table), tables, "calibration", header)
+    _calibration_figure(plt, calibration, table, runs, job.calibration_bins, figures / "calibration.png")
+
+
+def _calibration_figure(plt, calibration: pd.DataFrame, table: pd.DataFrame, runs: list[str], n_bins: int,
+                        path: Path) -> None:
+    """Reliability diagram per model (pooled over benchmarks and seeds): majority accuracy against mean
+    agreement confidence per non-empty bin, one line per run (base and the main methods), the diagonal is
+    perfect calibration; below, each run's share of problems per bin."""
+    data = calibration[calibration["method"].isin(runs)]
+    if data.empty:
+        _placeholder_figure(plt, "no calibration data in the aggregate", path)
+        return
+    models = sorted(data["model"].unique())
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {run: palette[i % len(palette)] for i, run in enumerate(runs)}
+    pooled = table[table["benchmark"] == ALL_BENCHMARKS].set_index(["model", "method"])
+    fig, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 6.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.2]})
+    for c, model in enumerate(models):
+        diagram, shares = axes[0][c], axes[1][c]
+        diagram.plot([0, 1], [0, 1], ":", color="0.5", lw=1)
+        of_model = data[data["model"] == model]
+        for method in sorted(set(of_model["method"]), key=_method_order):
+            part = of_model[of_model["method"] == method]
+            bins = [b for b in reliability_bins(part["confidence"], part["majority_correct"], n_bins) if b["count"]]
+            ece = pooled["ece"].get((model, method), np.nan)
+            diagram.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "-o", markersize=4,
+                         color=colors.get(method), label=f"{method} (ECE {ece:.3f})")
+            shares.plot([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] / len(part) for b in bins], "-o",
+                        markersize=3, color=colors.get(method))
+        diagram.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="agreement confidence", ylabel="majority accuracy")
+        diagram.set_title(f"{model}: reliability ({n_bins} bins; benchmarks, seeds pooled)", fontsize=9)
+        diagram.legend(fontsize=7)
+        shares.set(xlim=(-0.03, 1.03), ylim=(0, 1.05), xlabel="agreement confidence (bin centre)",
+                   ylabel="share of problems")
+        shares.set_title(f"{model}: problems per bin", fontsize=9)
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
 def _write_table(table: pd.DataFrame, tables: Path, name: str, header: str) -> None:
     table.to_csv(tables / f"{name}.csv")
     _write_markdown(table, tables, name, header)
@@ -628,6 +788,18 @@ def write_tables_and_figures(job: ReportJob, aggregate_dir: Path, out_dir: Path)
     if masks:
         runs = ["grpo", "trace_fkl", *masks.methods]
         _curve_figure(plt, curves, {masks.model: runs}, ablation_panels, figures / "mask_localisation.png")
+    calibration_path = aggregate_dir / "calibration.csv"
+    if calibration_path.exists():  # caches from before issue 23 have none: no calibration table or figure
+        _write_calibration(plt, job, read_aggregate_csv(calibration_path, dtype={"id": str}), main_runs, tables,
+                           figures)
+
+
+def _placeholder_figure(plt, text: str, path: Path) -> None:
+    """A figure the aggregate has no data for: one grey line saying so."""
+    fig, ax = plt.subplots(figsize=(6, 1.5))
+    ax.text(0.5, 0.5, text, ha="center", va="center", color="0.5")
+    ax.axis("off")
+    _save(plt, fig, path)
 
 
 def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> None:
@@ -636,10 +808,7 @@ def _credit_map_figure(plt, maps: pd.DataFrame, runs: list[str], path: Path) -> 
     step, where every method updates from the same rollout."""
     maps = maps[maps["method"].isin(runs)]
     if maps.empty:
-        fig, ax = plt.subplots(figsize=(6, 1.5))
-        ax.text(0.5, 0.5, "no credit map in the aggregate (train.probe.steps)", ha="center", va="center", color="0.5")
-        ax.axis("off")
-        _save(plt, fig, path)
+        _placeholder_figure(plt, "no credit map in the aggregate (train.probe.steps)", path)
         return
     model = sorted(maps["model"].unique())[0]
     maps = maps[(maps["model"] == model) & (maps["seed"] == maps["seed"].min())]

@@ -52,6 +52,11 @@ def _deref(node: dict) -> dict:
     return node
 
 
+def schema_default(pointer: str) -> Any:
+    """The ``default`` of one schema node (for a job whose settings are keyword arguments, not a class)."""
+    return copy.deepcopy(_node(pointer)["default"])
+
+
 def _properties(pointers: tuple[str, ...]) -> dict[str, dict]:
     """The properties of one or several schema nodes (a job's settings may join a section and extras)."""
     merged: dict[str, dict] = {}
@@ -123,7 +128,7 @@ class Settings:
             raise SettingsError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
         built = {}
         for name in names:
-            node = properties.get(name, {})
+            node = _deref(properties.get(name, {}))  # a property may be a $ref to a shared node (its default too)
             if name in values:
                 value = values[name]
                 _check(value, node, f"{where}.{name}")
@@ -544,6 +549,7 @@ class ReportJob(Settings):
     ablations: Ablations
     compare_to_paper: bool
     paper_models: Mapping[str, str]
+    calibration_bins: int
 
 
 # ---------------------------------------------------------------------------------------------- the default study

@@ -278,6 +278,8 @@ class StudyPlan:
                     "gen": {key: ev[key] for key in ("temperature", "top_p", "top_k", "max_new_tokens")},
                     "device": ev.get("device", "cpu"), "dtype": ev.get("dtype", "float32"),
                     "tensor_parallel_size": ev.get("tensor_parallel_size", 1)}
+        if "calibration_bins" in ev:  # only when set: left out, the job takes the schema's default and the
+            settings["calibration_bins"] = ev["calibration_bins"]  # finished evaluations keep their params
         if ev["backend"] == "vllm":
             settings["model_options"] = {key: ev[key] for key in ("max_model_len", "gpu_memory_utilization")
                                          if ev.get(key) is not None}
@@ -388,6 +390,8 @@ class StudyPlan:
         """The --cfg of the aggregate's report and of a results cache (trace.settings.ReportJob)."""
         settings = {"benchmarks": self.config["eval"]["benchmarks"], "methods": self.methods,
                     "ablations": self.ablations}
+        if "calibration_bins" in self.config["eval"]:  # else ReportJob's default (the schema's)
+            settings["calibration_bins"] = self.config["eval"]["calibration_bins"]
         if self.study == "paper":  # ours beside the paper's numbers (trace/paper_results.csv)
             settings["compare_to_paper"] = True
             settings["paper_models"] = {name: entry["paper_model"] for name, entry in self.config["models"].items()
@@ -410,6 +414,8 @@ class StudyPlan:
             "ablations": [f"{root}/{kind}/{name}.{ext}" for name in ablations
                           for kind, ext in (("tables", "md"), ("tables", "csv"), ("figures", "png"))],
             "versus_paper": paper,
+            "calibration": [f"{root}/tables/calibration.md", f"{root}/tables/calibration.csv",
+                            f"{root}/figures/calibration.png"],
         }
 
     def report_entry(self, path: str) -> tuple[str, str, str]:
@@ -422,6 +428,12 @@ class StudyPlan:
         if not (self.repo / "workflow" / "report" / f"{caption}.rst").is_file():  # Snakemake looks only at --report
             raise StudyPlanError(f"{path}: its report caption workflow/report/{caption}.rst does not exist")
         return category, subcategory, f"../report/{caption}.rst"
+
+    @staticmethod
+    def in_html_report(path: str) -> bool:
+        """Whether `snakemake --report` shows this report output: every one, except an OPTIONAL_REPORT_ENTRIES
+        file that is not there (Snakemake refuses a report whose marked files are missing)."""
+        return f"{Path(path).parent.name}/{Path(path).stem}" not in OPTIONAL_REPORT_ENTRIES or Path(path).exists()
 
 
 # `snakemake --report report.html` (docs/html-report.md): each table and figure the report rule draws, under
@@ -443,4 +455,10 @@ REPORT_ENTRIES = {  # key: (category, subcategory, caption)
     "tables/paper_figure_numbers": ("Figure numbers beside the paper", "table", "paper_figure_numbers"),
     "figures/training_curves": ("Training curves", "figure", "training_curves"),
     "tables/teacher_gap": ("Teacher check", "table", "teacher_gap"),
+    "tables/calibration": ("Calibration: agreement over k samples", "table", "calibration"),
+    "figures/calibration": ("Calibration: agreement over k samples", "reliability diagram", "calibration_figure"),
 }
+# Drawn only from an aggregate with calibration.csv: every aggregate this workflow writes has one (so the report
+# rule declares them), but results redrawn from a cache made before it existed have none; the HTML report shows
+# these only where they exist.
+OPTIONAL_REPORT_ENTRIES = ("tables/calibration", "figures/calibration")

@@ -238,6 +238,28 @@ def extract_final_answer(response: str, kind: str = "math") -> str | None:
     return _extract_letter(text)
 
 
+def answer_key(response: str, kind: str = "math") -> str | None:
+    """A response's final answer as a key for comparing a problem's k samples with each other (the
+    majority vote of agreement confidence, trace/evaluation/calibration.py), or None if it gives none.
+
+    mc: the letter. math: :func:`extract_final_answer` with a ``$...$`` / ``\\text{...}`` wrapper and all
+    whitespace removed, ``<bare variable> = value`` reduced to the value (as the grader does), and a plain
+    integer in its shortest form (``025``, ``25.0`` and ``25`` are one key). No math-verify here: equal
+    values spelled differently (``\\frac{1}{2}``, ``0.5``) are different keys, so agreement can only be
+    understated.
+    """
+    answer = extract_final_answer(response, kind)
+    if answer is None or kind == "mc":
+        return answer
+    text = _strip_math_delimiters(answer)
+    text = _unwrap_text(text) or text
+    sides = _PLAIN_EQUALS.split(text)
+    if len(sides) == 2 and _BARE_VARIABLE.match(sides[0].strip()) and sides[1].strip():
+        text = sides[1]
+    integer = _as_plain_integer(text)
+    return str(integer) if integer is not None else "".join(text.split())
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}; expected one of {KINDS}")

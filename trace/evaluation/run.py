@@ -4,8 +4,10 @@ The pipeline: write the lm-eval task YAML (:mod:`trace.evaluation.lmeval_tasks`)
 directory next to the results, call ``lm_eval.simple_evaluate`` with the model's own chat
 template, take every doc's k responses and grades from lm-eval's logged samples, and
 summarise them (:mod:`trace.evaluation.metrics`): avg@k, pass@1 and pass@k, a bootstrap 95% CI
-of avg@k over problems, per-problem scores. The per-sample log (prompt, k responses, k grades
-per problem) goes to a JSONL file beside the results.
+of avg@k over problems, per-problem scores, and the calibration of agreement confidence over the k
+samples (:mod:`trace.evaluation.calibration`: ECE, reliability bins, Brier score, under the key
+``calibration``). The per-sample log (prompt, k responses, k grades per problem) goes to a JSONL file
+beside the results.
 
 Thinking mode reaches the chat template differently per lm-eval backend (lm-eval 0.4.13):
 
@@ -34,8 +36,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from trace.evaluation.calibration import calibration_summary, problem_calibration
 from trace.evaluation.lmeval_tasks import FILTER_NAME, check_gen, write_task_config
 from trace.evaluation.metrics import avg_at_k, bootstrap_ci, mean_pass_at_k, per_problem_accuracy
+from trace.settings import schema_default
 
 BACKENDS = ("hf", "vllm")
 BOOTSTRAP_RESAMPLES = 10_000
@@ -64,13 +68,15 @@ def evaluate(model_dir: Path, benchmark: str, data_path: Path, out_json: Path, *
              thinking: bool, backend: str = "hf", batch_size: int | str = 64, limit: int | None = None,
              seed: int = 0, samples_path: Path | None = None, device: str = "cpu", dtype: str = "float32",
              tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-             model_options: Mapping[str, Any] | None = None, lm=None) -> dict:
+             model_options: Mapping[str, Any] | None = None, calibration_bins: int | None = None,
+             lm=None) -> dict:
     """Sample k responses per problem of ``data_path`` (normalised JSONL) and write the results.
 
     gen: ``{"temperature", "top_p", "top_k", "max_new_tokens"}``. ``samples_path`` defaults to
     ``<out_json without .json>.samples.jsonl``; the task YAML lands in ``<...>.lmeval_task/``.
     ``model_options`` are extra lm-eval model arguments (e.g. ``{"gpu_memory_utilization": 0.85,
-    "max_model_len": 40960}`` for vLLM). ``lm``: an already built lm-eval ``LM`` to use instead
+    "max_model_len": 40960}`` for vLLM). ``calibration_bins``: the ECE's equal-width bins (None: the
+    schema's default of ``eval.calibration_bins``). ``lm``: an already built lm-eval ``LM`` to use instead
     of loading ``model_dir`` (tests; ``model_dir`` is then only recorded). Returns the results
     dict that was written to ``out_json``.
 
@@ -83,14 +89,14 @@ def evaluate(model_dir: Path, benchmark: str, data_path: Path, out_json: Path, *
     return _evaluate_jobs(model_dir, [job], k=k, gen=gen, thinking=thinking, backend=backend,
                           batch_size=batch_size, limit=limit, seed=seed, device=device, dtype=dtype,
                           tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                          model_options=model_options, lm=lm)[benchmark]
+                          model_options=model_options, calibration_bins=calibration_bins, lm=lm)[benchmark]
 
 
 def evaluate_many(model_dir: Path, data_paths: Mapping[str, Path], out_dir: Path, *, k: int, gen: dict,
                   thinking: bool, backend: str = "hf", batch_size: int | str = 64, limit: int | None = None,
                   seed: int = 0, device: str = "cpu", dtype: str = "float32", tensor_parallel_size: int = 1,
                   data_parallel_size: int = 1, model_options: Mapping[str, Any] | None = None,
-                  lm=None) -> dict[str, dict]:
+                  calibration_bins: int | None = None, lm=None) -> dict[str, dict]:
     """Several benchmarks ({name: JSONL path}) in ONE lm-eval call, so the model loads once.
 
     Same settings as :func:`evaluate`; writes ``out_dir/<name>.json`` and
@@ -110,7 +116,7 @@ def evaluate_many(model_dir: Path, data_paths: Mapping[str, Path], out_dir: Path
     return _evaluate_jobs(model_dir, jobs, k=k, gen=gen, thinking=thinking, backend=backend,
                           batch_size=batch_size, limit=limit, seed=seed, device=device, dtype=dtype,
                           tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                          model_options=model_options, lm=lm)
+                          model_options=model_options, calibration_bins=calibration_bins, lm=lm)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,7 +156,7 @@ def _check_model_dir(model_dir: Path) -> None:
 def _evaluate_jobs(model_dir: Path, jobs: list[_Job], *, k: int, gen: dict, thinking: bool, backend: str,
                    batch_size: int | str, limit: int | None, seed: int, device: str, dtype: str,
                    tensor_parallel_size: int, data_parallel_size: int, model_options: Mapping[str, Any] | None,
-                   lm) -> dict[str, dict]:
+                   calibration_bins: int | None, lm) -> dict[str, dict]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -158,6 +164,10 @@ def _evaluate_jobs(model_dir: Path, jobs: list[_Job], *, k: int, gen: dict, thin
     if lm is None:
         _check_model_dir(model_dir)
     gen = check_gen(gen)
+    if calibration_bins is None:
+        calibration_bins = schema_default("#/$defs/calibration_bins")
+    if int(calibration_bins) < 1:
+        raise ValueError(f"calibration_bins must be >= 1, got {calibration_bins}")
     if len({job.benchmark for job in jobs}) != len(jobs):
         raise ValueError(f"duplicate benchmark names in {[job.benchmark for job in jobs]}")
 
@@ -218,7 +228,8 @@ def _evaluate_jobs(model_dir: Path, jobs: list[_Job], *, k: int, gen: dict, thin
         "lm_eval_repo_git_hash": output.get("git_hash"),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return {job.benchmark: _summarise(job, output, shared, task_files[job.benchmark], int(k)) for job in jobs}
+    return {job.benchmark: _summarise(job, output, shared, task_files[job.benchmark], int(k), int(calibration_bins))
+            for job in jobs}
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,7 +253,7 @@ def per_sample_rows(samples: list[dict], k: int, where: str) -> list[dict]:
     return rows
 
 
-def _summarise(job: _Job, output: dict, shared: dict, task_file: Path, k: int) -> dict:
+def _summarise(job: _Job, output: dict, shared: dict, task_file: Path, k: int, calibration_bins: int) -> dict:
     where = f"lm-eval output for {job.data_path}"
     try:
         samples = output["samples"][job.task_name]
@@ -274,6 +285,8 @@ def _summarise(job: _Job, output: dict, shared: dict, task_file: Path, k: int) -
         "lm_eval_metrics": {name: value for name, value in lm_eval_metrics.items() if "_stderr," not in name},
         "samples_path": str(job.samples_path),
         "task_config": str(task_file),
+        "calibration": calibration_summary(problem_calibration(rows), calibration_bins, n_boot=BOOTSTRAP_RESAMPLES,
+                                           seed=shared["seed"], level=CI_LEVEL),
     }
     _write_atomic(job.samples_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     _write_atomic(job.out_json, json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
@@ -322,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--data-parallel-size", type=int, default=1)
+    parser.add_argument("--calibration-bins", type=int, default=None,
+                        help="equal-width bins of the calibration error (default: the schema's eval.calibration_bins)")
     args = parser.parse_args(argv)
     result = evaluate(
         args.model_dir, args.benchmark, args.data, args.out, k=args.k,
@@ -330,10 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         thinking=args.thinking, backend=args.backend,
         batch_size=int(args.batch_size) if args.batch_size.isdigit() else args.batch_size,
         limit=args.limit, seed=args.seed, device=args.device, dtype=args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        calibration_bins=args.calibration_bins)
     print(f"{args.benchmark}: avg@{args.k} = {result['avg_at_k']:.4f} "
           f"(95% CI {result['ci95_avg_at_k'][0]:.4f}-{result['ci95_avg_at_k'][1]:.4f}), "
-          f"n = {result['n_problems']}, {result['wall_time_s']:.0f} s -> {args.out}")
+          f"n = {result['n_problems']}, ECE {result['calibration']['ece']:.4f}, {result['wall_time_s']:.0f} s "
+          f"-> {args.out}")
     return 0
 
 

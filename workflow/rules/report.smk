@@ -9,6 +9,7 @@ rule aggregate:
         curves="results/aggregate/training_curves.csv",
         credit_maps="results/aggregate/credit_maps.csv",
         teacher_gaps="results/aggregate/teacher_gap.csv",
+        calibration="results/aggregate/calibration.csv",
     params:
         cfg=as_arg({"benchmarks": config["eval"]["benchmarks"]}),
     resources:
@@ -20,9 +21,12 @@ rule aggregate:
 
 
 def in_report(outputs):
-    """Report outputs with every file marked for Snakemake's report (PLAN.report_entry: category, caption)."""
+    """Report outputs with every file marked for Snakemake's report (PLAN.report_entry: category, caption); an
+    optional one (calibration) only where it exists (PLAN.in_html_report)."""
 
     def marked(path):
+        if not PLAN.in_html_report(path):
+            return path
         try:
             category, subcategory, caption = PLAN.report_entry(path)
         except study_plan.StudyPlanError as error:
@@ -60,7 +64,7 @@ rule export_cache:
     output:
         settings=f"{CACHE}/report_settings.json",
         aggregate=[f"{CACHE}/aggregate/{name}" for name in ("evals.csv", "training_curves.csv", "credit_maps.csv",
-                                                            "teacher_gap.csv")],
+                                                            "teacher_gap.csv", "calibration.csv")],
         **PLAN.report_outputs(CACHE),
     params:
         cfg=as_arg(PLAN.report_settings()),
