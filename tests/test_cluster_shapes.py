@@ -169,7 +169,13 @@ def test_two_node_train_line_asks_for_two_nodes_of_eight_gpus(reference_node, ho
         record = job_record(jobid)
     finally:
         os.killpg(process.pid, signal.SIGINT)  # Snakemake cancels its job
-        rest, _ = process.communicate(timeout=120)
+        try:
+            rest, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # interrupted inside a status check (sacct retries on a loaded machine):
+            os.killpg(process.pid, signal.SIGKILL)  # stop it harder and cancel what it submitted ourselves
+            rest, _ = process.communicate()
+            for stuck in slurm_jobs(output).values():
+                subprocess.run(["scancel", str(stuck)], capture_output=True)
         print(output[-3000:], rest[-2000:])
     line = sbatch_lines(output)["train"]
     print(line)

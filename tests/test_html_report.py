@@ -76,7 +76,7 @@ def check_html_report(report, results, study):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache, configfiles, study, n_categories", [
-    (REPO_ROOT / "results" / "shipped" / "toy", (), "toy", 11),
+    (REPO_ROOT / "results" / "shipped" / "toy", (), "toy", 12),  # with its calibration table and figure
     (REPO_ROOT / "results" / "shipped" / "toy-seeds3-small", (CONFIGS / "seeds3_small.yaml",), "toy", 7),
     (PAPER_SMOKE_CACHE, (CONFIGS / "paper_smoke.yaml",), "paper", 12),
 ], ids=["toy", "toy-seeds3-small", "paper-smoke"])

@@ -188,7 +188,10 @@ def test_every_method_trains_with_the_vllm_engine(method, engine, tiny_qwen3, tr
     from trace.train.trainer import Trainer
 
     torch.set_num_threads(1)
-    trainer = Trainer(run_config(method), tiny_qwen3, train_path, tmp_path / method, engine=engine)
+    external = {}
+    if METHODS[method].teacher == "external":  # OPD: a teacher folder with the student's tokenizer (here itself)
+        external = {"teacher_model": str(tiny_qwen3), "kl": {**BASE_TRAIN["kl"], "top_k": 5}}
+    trainer = Trainer(run_config(method, **external), tiny_qwen3, train_path, tmp_path / method, engine=engine)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     trainer.fit()
     assert trainer.engine is engine
