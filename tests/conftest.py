@@ -157,6 +157,9 @@ def _guarded_popen_init(self, args, *more, **options):
 
 
 def pytest_sessionstart(session):
+    # matplotlib builds its font cache on first use by running fc-list: build it here, before the guard, so a
+    # fresh machine's first report test is not charged with it (nor fails the fast set's spawn rule)
+    import matplotlib.font_manager  # noqa: F401
     subprocess.Popen.__init__ = _guarded_popen_init
 
 
