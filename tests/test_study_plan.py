@@ -179,7 +179,9 @@ def test_an_external_teacher_is_an_input_of_its_runs_and_has_no_teacher_check():
     """OPD's teacher (train.teacher_model) is built before the runs that read it when it lies under results/ (a
     base, or a trained run's model/); its runs' settings name it, other runs' settings do not (a new teacher
     reruns only the OPD runs); and it asks for no teacher check (that compares a self-teacher with the student)."""
-    opd = plan_of(methods=["grpo", "opd", "opd_k1"], train={"teacher_model": "results/base/toy-large"})
+    no_family = {"opd_family": None}  # the default study's opd_family has its own teacher (tests/test_opd_family.py)
+    opd = plan_of(methods=["grpo", "opd", "opd_k1"], train={"teacher_model": "results/base/toy-large"},
+                  ablations=no_family)
     assert opd.teacher_model_of("opd") == opd.built_teacher("opd_k1") == "results/base/toy-large"
     assert opd.teacher_model_of("grpo") is None and opd.built_teacher("trace_fkl@frozen") is None
     assert opd.teacher_context_of("opd") is None and opd.teacher_context_of("trace_fkl") == "label"
@@ -189,14 +191,15 @@ def test_an_external_teacher_is_an_input_of_its_runs_and_has_no_teacher_check():
     assert "teacher_model" not in opd.train_settings("grpo", 0)
     assert "teacher_model" not in opd.teacher_gap_settings("toy-small", "label")["train"]
     assert opd.teacher_problem() is None
-    trained = plan_of(methods=["opd"], train={"teacher_model": "results/train/toy-large/grpo/seed0/model"})
+    trained = plan_of(methods=["opd"], train={"teacher_model": "results/train/toy-large/grpo/seed0/model"},
+                      ablations=no_family)
     assert trained.built_teacher("opd") == "results/train/toy-large/grpo/seed0/model"
-    outside = plan_of(methods=["opd"], train={"teacher_model": "/models/qwen3-8b"})
+    outside = plan_of(methods=["opd"], train={"teacher_model": "/models/qwen3-8b"}, ablations=no_family)
     assert outside.teacher_model_of("opd") == "/models/qwen3-8b" and outside.built_teacher("opd") is None
     # the default study: no OPD run, the key is null and no run's settings carry it (its params are unchanged)
     assert all("teacher_model" not in plan_of().train_settings(run, 0) for run in plan_of().runs_of("toy-small"))
     assert plan_of().teacher_problem() is None
-    assert plan_of(methods=["grpo", "opd"]).teacher_problem() == (
+    assert plan_of(methods=["grpo", "opd"], ablations=no_family).teacher_problem() == (
         "method opd distils from an external teacher: set train.teacher_model (a model folder with the student's "
         "tokenizer, e.g. results/base/<larger base>)")
     assert plan_of(methods=["opd_topk"], train={"teacher_model": "results/base/toy-large"}).teacher_problem() == (

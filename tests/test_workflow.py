@@ -66,7 +66,9 @@ def test_an_opd_run_waits_for_its_external_teacher_and_has_no_teacher_check(tmp_
     assert '"teacher_model"' not in teacher_run and "--teacher-gap" not in teacher_run
     assert '"method": "opd"' in opd_run and '"teacher_model": "results/train/toy-large/grpo/seed0/model"' in opd_run
     assert "--teacher-gap" not in opd_run and "--probe-batch results/teacher_gap/toy-small/label.probe.pt" in opd_run
-    missing = snakemake(workdir=tmp_path, *("-n", "--cores", "1", "--config", "methods=[grpo,opd]"))
+    no_teacher = tmp_path / "no_teacher.yaml"  # the default study's opd_family names its own teacher: off here
+    no_teacher.write_text("methods: [grpo, opd]\nablations: {opd_family: null}\n")
+    missing = snakemake(workdir=tmp_path, *("-n", "--cores", "1", "--configfile", str(no_teacher)))
     assert missing.returncode != 0
     assert "config error: method opd distils from an external teacher: set train.teacher_model" in (
         missing.stdout + missing.stderr)

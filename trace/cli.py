@@ -111,6 +111,12 @@ def cmd_export_cache(args, cfg):
     export_cache(cfg, Path(args.aggregate_dir), Path(args.out_dir))
 
 
+def cmd_opd_family(args, job):
+    from trace.opd_family import run
+
+    run(job, [Path(p) for p in args.evals], [Path(p) for p in args.metrics], Path(args.out_dir))
+
+
 def cmd_redraw(args, cfg):
     from trace.cache import redraw
 
@@ -138,8 +144,9 @@ STAGES = {
     "aggregate": (cmd_aggregate, settings.ReportJob, ["--evals*", "--metrics*", "--teacher-gaps*?", "--out-dir"]),
     "report": (cmd_report, settings.ReportJob, ["--aggregate-dir", "--out-dir"]),
     "export-cache": (cmd_export_cache, settings.ReportJob, ["--aggregate-dir", "--out-dir"]),
+    "opd-family": (cmd_opd_family, settings.FamilyJob, ["--evals*", "--metrics*", "--out-dir"]),
 }
-NO_TORCH = {"aggregate", "report", "export-cache", "redraw"}  # tables and figures only: no torch import
+NO_TORCH = {"aggregate", "report", "export-cache", "redraw", "opd-family"}  # tables and figures only: no torch import
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,10 +49,11 @@ def _policy_method_seed(policy: str) -> tuple[str, int | None]:
 
 
 def aggregate(job: ReportJob, eval_files: list[Path], metrics_files: list[Path], out_dir: Path,
-              gap_files: list[Path] = ()) -> None:
+              gap_files: list[Path] = (), curve_columns: tuple[str, ...] = CURVE_COLUMNS) -> None:
     """Exactly the given per-run files (the rule's declared inputs) -> the aggregate CSVs; nothing is
-    globbed, so results of runs or seeds no longer in the config never reach a table."""
-    benchmarks = ReportJob.from_mapping(job).benchmarks
+    globbed, so results of runs or seeds no longer in the config never reach a table. ``job``: anything with
+    ``benchmarks`` ({benchmark: paper column}); ``curve_columns``: the metrics kept per training step."""
+    benchmarks = job.benchmarks if hasattr(job, "benchmarks") else ReportJob.from_mapping(job).benchmarks
     eval_rows, calibration_rows, uncalibrated = [], [], []
     for path in eval_files:
         model, policy, benchmark = path.parts[-3], path.parts[-2], path.stem
@@ -86,14 +87,14 @@ def aggregate(job: ReportJob, eval_files: list[Path], metrics_files: list[Path],
             if line.strip():
                 row = json.loads(line)
                 curve_rows.append({"model": model, "method": method, "seed": seed, "step": row["step"],
-                                   **{c: row.get(c) for c in CURVE_COLUMNS}})
+                                   **{c: row.get(c) for c in curve_columns}})
                 if credit_map := row.get("probe/map"):  # Fig 6: one probed rollout, token by token
                     map_rows += [dict(zip(MAP_COLUMNS, (model, method, seed, row["step"], i, *token)))
                                  for i, token in enumerate(zip(credit_map["tokens"], credit_map["credit"],
                                                                credit_map["span"]))]
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(eval_rows).to_csv(out_dir / "evals.csv", index=False)
-    pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *CURVE_COLUMNS]).to_csv(
+    pd.DataFrame(curve_rows, columns=["model", "method", "seed", "step", *curve_columns]).to_csv(
         out_dir / "training_curves.csv", index=False)
     pd.DataFrame(map_rows, columns=MAP_COLUMNS).to_csv(out_dir / "credit_maps.csv", index=False)
     pd.DataFrame(calibration_rows, columns=CALIBRATION_COLUMNS).to_csv(out_dir / "calibration.csv", index=False)

@@ -532,11 +532,25 @@ class MaskAblation(Settings):
 
 
 @dataclasses.dataclass(frozen=True)
+class OpdFamily(Settings):
+    """Beyond the paper: GRPO, OPD-type methods from an external ``teacher`` and TRACE on one student ``model``,
+    every method × ``seeds`` on the same data, steps and evaluation (rule opd_family, trace/opd_family.py)."""
+    SCHEMA: ClassVar = ("#/$defs/opd_family",)
+    WHERE: ClassVar = "ablations.opd_family"
+    model: str
+    teacher: str
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    early_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Ablations(Settings):
     SCHEMA: ClassVar = ("#/$defs/ablations",)
     WHERE: ClassVar = "ablations"
     annotator_tiers: TierAblation | None
     mask_localisation: MaskAblation | None
+    opd_family: OpdFamily | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,6 +563,16 @@ class ReportJob(Settings):
     ablations: Ablations
     compare_to_paper: bool
     paper_models: Mapping[str, str]
+    calibration_bins: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyJob(Settings):
+    """What the opd_family table and figure need (rule opd_family)."""
+    SCHEMA: ClassVar = ("#/$defs/family_job",)
+    WHERE: ClassVar = "opd_family settings"
+    benchmarks: Mapping[str, str]
+    family: OpdFamily
     calibration_bins: int
 
 

@@ -62,6 +62,7 @@ class StudyPlan:
         self.ablations = config.get("ablations") or {}
         self.tier_runs = self.ablations.get("annotator_tiers") or {}
         self.mask_runs = self.ablations.get("mask_localisation") or {}
+        self.family = self.ablations.get("opd_family") or {}  # its own target (rule opd_family), not `all`'s
         self.teacher_check = config["teacher_check"]
         self.probing = bool((config["train"].get("probe") or {}).get("steps"))
         # The paper study's bases are pinned, hash-checked models: a base re-materialised because its
@@ -92,15 +93,30 @@ class StudyPlan:
         """A run distilling from an external teacher (OPD) needs train.teacher_model, and one on the teacher's
         top-K (opd_topk) train.kl.top_k."""
         train = self.config["train"]
-        for model in self.models:
-            for run in self.runs_of(model):
-                name = self.method_and_annotator(run)[0]
-                method = self.get_method(name)
-                if method.teacher == "external" and not train.get("teacher_model"):
-                    return (f"method {name} distils from an external teacher: set train.teacher_model (a model "
-                            "folder with the student's tokenizer, e.g. results/base/<larger base>)")
-                if method.support == "teacher_top_k" and train["kl"].get("top_k") is None:
-                    return f"method {name} distils on the teacher's top-K: set train.kl.top_k (it is null)"
+        runs = [run for model in self.models for run in self.runs_of(model)] + list(self.family.get("methods", []))
+        for run in runs:
+            name = self.method_and_annotator(run)[0]
+            method = self.get_method(name)
+            if method.teacher == "external" and not self.teacher_model_of(run):
+                return (f"method {name} distils from an external teacher: set train.teacher_model (a model "
+                        "folder with the student's tokenizer, e.g. results/base/<larger base>)")
+            if method.support == "teacher_top_k" and train["kl"].get("top_k") is None:
+                return f"method {name} distils on the teacher's top-K: set train.kl.top_k (it is null)"
+        return None
+
+    def family_problem(self) -> str | None:
+        """ablations.opd_family: a run it shares with the main grid must not distil from another teacher there (one
+        run folder, one teacher)."""
+        if not self.family:  # (its model is one of the study's: checked with the config, study_config.py)
+            return None
+        model = self.family["model"]
+        teacher = self.config["train"].get("teacher_model")
+        for run in self.family["methods"]:
+            external = self.get_method(self.method_and_annotator(run)[0]).teacher == "external"
+            if external and run in self.runs_of(model) and teacher and teacher != self.family["teacher"]:
+                return (f"method {run} on {model} is both a main run (teacher train.teacher_model {teacher}) and an "
+                        f"opd_family run (teacher {self.family['teacher']}): one run folder cannot have two teachers; "
+                        "make them equal or drop it from one list")
         return None
 
     def train_gpus_problem(self, launch_resources: Mapping) -> str | None:
@@ -178,10 +194,14 @@ class StudyPlan:
         return model if model and model.startswith("results/") else None
 
     def teacher_model_of(self, run: str) -> str | None:
-        """The external teacher's folder of a run (train.teacher_model, for a method whose teacher is external:
-        OPD), else None: a self-teacher is the student's own network."""
+        """The external teacher's folder of a run (OPD-type methods: ablations.opd_family.teacher for a method of
+        that family, else train.teacher_model), else None: a self-teacher is the student's own network."""
         method = self.get_method(self.method_and_annotator(run)[0])
-        return self.config["train"].get("teacher_model") if method.teacher == "external" else None
+        if method.teacher != "external":
+            return None
+        if run in self.family.get("methods", []):
+            return self.family["teacher"]
+        return self.config["train"].get("teacher_model")
 
     def built_teacher(self, run: str) -> str | None:
         """A run's external teacher when this workflow builds it (a path under results/: a base such as
@@ -208,9 +228,9 @@ class StudyPlan:
         method, annotator = self.method_and_annotator(run)
         # `parallel` only shapes the launch (it may change between attempts without rerunning a run);
         # `teacher_model` is a setting of the runs with an external teacher only (a new teacher reruns only them)
-        dropped = {"parallel"} | ({"teacher_model"} if self.teacher_model_of(run) is None else set())
-        train = {key: value for key, value in self.config["train"].items() if key not in dropped}
-        settings = {**train, "method": method, "annotator": annotator, "seed": int(seed),
+        teacher = self.teacher_model_of(run)
+        train = {key: value for key, value in self.config["train"].items() if key not in ("parallel", "teacher_model")}
+        settings = {**train, **({"teacher_model": teacher} if teacher is not None else {}), "method": method, "annotator": annotator, "seed": int(seed),
                     "thinking": self.config["thinking"], "teacher_check_on_worse": self.teacher_check["on_worse"]}
         if self.study != "toy":  # trained only on the data source the config asks for (checked against the manifest)
             settings["train_source"] = self.config["real_data"]["train_source"]
@@ -269,6 +289,32 @@ class StudyPlan:
         return {"train": {**{k: v for k, v in self.config["train"].items() if k not in ("parallel", "teacher_model")},
                           "seed": 0, "thinking": self.config["thinking"]},
                 "teacher_check": self.teacher_check, "context": context, "model": model}
+
+    # ---- the opd_family ablation (its own target: rule opd_family) ------------------------------------------
+    def family_policies(self) -> list[str]:
+        return ["base"] + [f"{run}-seed{seed}" for run in self.family["methods"] for seed in self.family["seeds"]]
+
+    def family_evaluations(self) -> list[str]:
+        return [self.evaluation_file(self.family["model"], policy, benchmark)
+                for policy in self.family_policies() for benchmark in self.benchmarks]
+
+    def family_training_metrics(self) -> list[str]:
+        return [f"results/train/{self.family['model']}/{run}/seed{seed}/metrics.jsonl"
+                for run in self.family["methods"] for seed in self.family["seeds"]]
+
+    @staticmethod
+    def family_outputs(root: str = "results") -> dict[str, str]:
+        return {"table_md": f"{root}/tables/opd_family.md", "table_csv": f"{root}/tables/opd_family.csv",
+                "figure": f"{root}/figures/opd_family.png",
+                **{f"aggregate_{name}": f"{root}/opd_family/aggregate/{name}.csv"
+                   for name in ("evals", "training_curves", "calibration")}}
+
+    def family_settings(self) -> dict:
+        """The --cfg of `python -m trace opd-family` (trace.settings.FamilyJob)."""
+        settings = {"benchmarks": self.config["eval"]["benchmarks"], "family": self.family}
+        if "calibration_bins" in self.config["eval"]:
+            settings["calibration_bins"] = self.config["eval"]["calibration_bins"]
+        return settings
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluation_settings(self) -> dict:
@@ -387,9 +433,10 @@ class StudyPlan:
 
     # ---------------------------------------------------------------------------------- report
     def report_settings(self) -> dict:
-        """The --cfg of the aggregate's report and of a results cache (trace.settings.ReportJob)."""
+        """The --cfg of the aggregate's report and of a results cache (trace.settings.ReportJob); the opd_family
+        ablation has its own target and table (family_settings), so it stays out of the main report's settings."""
         settings = {"benchmarks": self.config["eval"]["benchmarks"], "methods": self.methods,
-                    "ablations": self.ablations}
+                    "ablations": {name: value for name, value in self.ablations.items() if name != "opd_family"}}
         if "calibration_bins" in self.config["eval"]:  # else ReportJob's default (the schema's)
             settings["calibration_bins"] = self.config["eval"]["calibration_bins"]
         if self.study == "paper":  # ours beside the paper's numbers (trace/paper_results.csv)

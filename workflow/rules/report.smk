@@ -96,3 +96,25 @@ if MASK_RUNS:
     rule mask_localisation:
         input:
             evaluations_of(MASK_RUNS["model"], ["grpo", "trace_fkl", *MASK_RUNS["methods"]]),
+
+
+if PLAN.family:
+
+    rule opd_family:
+        """Beyond the paper (docs/methods.md): GRPO, OPD, TrOPD, TRB and TRACE on one student over the family's seeds,
+        on the same data, steps and evaluation -> its table (accuracy with CIs, gradient norm, entropy, calibration,
+        TRB's realised KL budget) and figure. Not part of `all`: `snakemake --cores 2 opd_family`."""
+        input:
+            evals=PLAN.family_evaluations(),
+            metrics=PLAN.family_training_metrics(),
+        output:
+            **PLAN.family_outputs("results"),
+        params:
+            cfg=as_arg(PLAN.family_settings()),
+        resources:
+            **study_config.job_resources(config, "report", REPO),
+        log:
+            "logs/opd_family.log",
+        shell:
+            "{PYTHON} -m trace opd-family --cfg {params.cfg} --evals {input.evals} --metrics {input.metrics}"
+            " --out-dir results > {log} 2>&1"

@@ -2,7 +2,7 @@ launch = _load_by_path("trace_launch", "trace/launch.py")
 TRAIN_LAUNCHER = launch.train_launcher(config["train"], PYTHON)  # python | torchrun | srun + torchrun
 # the job's size and placement from resources.train, its shape from train.parallel (PLAN.train_resources)
 _launch_shape = launch.train_resources(config["train"])
-_problem = PLAN.train_gpus_problem(_launch_shape) or PLAN.teacher_problem()
+_problem = PLAN.train_gpus_problem(_launch_shape) or PLAN.teacher_problem() or PLAN.family_problem()
 if _problem:
     raise WorkflowError(f"config error: {_problem}")
 TRAIN_RESOURCES = PLAN.train_resources(study_config.job_resources(config, "train", REPO), _launch_shape)
