@@ -115,6 +115,8 @@ def test_train_settings_are_train_without_parallel_plus_the_run(toy, paper):
         train = {key: value for key, value in config["train"].items() if key != "parallel"}
         if get_method(method).teacher != "external":  # since OPD: only its runs carry train.teacher_model
             train.pop("teacher_model", None)
+        if get_method(method).objective != "tropd":  # since TrOPD: only its runs carry train.tropd
+            train.pop("tropd", None)
         settings = {**train, "method": method, "annotator": annotator, "seed": int(seed),
                     "thinking": config["thinking"], "teacher_check_on_worse": config["teacher_check"]["on_worse"]}
         if config["study"] != "toy":

@@ -11,7 +11,8 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    objective: str                 # grpo | trace | sdpo | srpo | rlsd | opd | opd_k1  (which loss assembles the pieces)
+    objective: str                 # grpo | trace | sdpo | srpo | rlsd | opd | opd_k1 | tropd  (which loss assembles
+                                   # the pieces)
     routing: str = "none"          # router strategy: annotated | all | random | inverted | failed | none
     corner: str | None = None      # trace_fkl (μ_E,μ_K)=(0,1) | trace_rkl (1,0) | trace_both (1,1)
     teacher: str = "none"          # none | synced (re-copied every k steps) | ema | frozen (initial student)
@@ -23,12 +24,22 @@ class MethodSpec:
     support: str = "settings"      # the categories a full-distribution KL sums over: settings = train.kl.top_k /
                                    # tail_bucket as set (null: the vocabulary) | vocab = the whole vocabulary |
                                    # teacher_top_k = the teacher's top train.kl.top_k + a tail bucket |
-                                   # sampled = the sampled token only (a K1 policy-gradient estimate)
+                                   # sampled = the sampled token only (a K1 policy-gradient estimate; tropd's outlier
+                                   # FKL sums over the teacher's top train.tropd.outlier_top_k + a tail)
     needs_annotation: bool = False
+    rollout_policy: str = "student"  # student | teacher_prefix (guidance: a teacher-written prefix continued by the
+                                     # student) | trb (a teacher-aligned behaviour policy within a KL budget)
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher != "none"
+
+    @property
+    def unused_train_keys(self) -> frozenset[str]:
+        """Keys of the train section this method never reads: left out of its runs' settings (their params and
+        resume fingerprint), so setting or changing one reruns only the runs that read it."""
+        return frozenset(key for key, reads in (("teacher_model", self.teacher == "external"),
+                                                ("tropd", self.objective == "tropd")) if not reads)
 
     @property
     def self_teacher(self) -> bool:
@@ -64,6 +75,10 @@ METHODS: dict[str, MethodSpec] = {
     "opd": MethodSpec(objective="opd", support="vocab", **_OPD),
     "opd_topk": MethodSpec(objective="opd", support="teacher_top_k", **_OPD),
     "opd_k1": MethodSpec(objective="opd_k1", support="sampled", **_OPD),
+    # Trust-region OPD (TrOPD; not the paper's): K1 on the tokens the teacher would decode too, a forward KL on the
+    # teacher's top-k at the others (train.tropd); tropd also learns from teacher-written guidance prefixes.
+    "tropd": MethodSpec(objective="tropd", support="sampled", rollout_policy="teacher_prefix", **_OPD),
+    "tropd_noguide": MethodSpec(objective="tropd", support="sampled", **_OPD),
 }
 
 

@@ -160,3 +160,25 @@ def build_routed_masks(strategy: str, mask: Tensor, correct: Tensor, key: Tensor
 
 
 ROUTING_STRATEGIES = ("annotated", "all", "random", "inverted", "failed", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-teacher routers: read the teacher's log-probs, so they run after the teacher forward
+# ---------------------------------------------------------------------------------------------
+
+
+class AgreementRegion(NamedTuple):
+    trust: Tensor  # [B, T] bool: tokens the teacher would decode too (TrOPD's trust region)
+    outliers: Tensor  # [B, T] bool: the other tokens of ``mask``
+
+
+def agreement_region(teacher_logp_sampled: Tensor, mask: Tensor, threshold: float) -> AgreementRegion:
+    """TrOPD's split by teacher–student decoding agreement. Ours (?): TrOPD's authors split on agreement
+    without a formula we could check, so token t is in the trust region iff the teacher's probability of the
+    student's sampled token q(y_t) ≥ threshold; every other token of ``mask`` is an outlier.
+
+    teacher_logp_sampled [B, T]: log q(y_t) (anything at padding); mask [B, T]: the tokens to split (TrOPD:
+    the student's own completion tokens, a teacher-written guidance prefix left out)."""
+    mask = mask.bool()
+    agrees = teacher_logp_sampled.detach().exp() >= threshold
+    return AgreementRegion(trust=mask & agrees, outliers=mask & ~agrees)

@@ -245,6 +245,19 @@ class KL(Settings):
 
 
 @dataclasses.dataclass(frozen=True)
+class TrOPD(Settings):
+    """TrOPD's pieces, each switchable for an ablation (methods tropd, tropd_noguide; config.yaml train.tropd)."""
+    SCHEMA: ClassVar = ("#/properties/train/properties/tropd",)
+    WHERE: ClassVar = "train.tropd"
+    agreement_threshold: float   # trust region: q(y_t) ≥ this (trace.router.agreement_region)
+    trust_region: bool           # false: K1 on every token, no outliers (the ablation "no trust region")
+    outlier_fkl: bool            # the forward KL on the teacher's top-k at outliers
+    outlier_top_k: int
+    outlier_weight: float
+    imitation_weight: float      # β of the NLL on teacher-written (guided) tokens
+
+
+@dataclasses.dataclass(frozen=True)
 class Validation(Settings):
     SCHEMA: ClassVar = ("#/properties/train/properties/validation",)
     WHERE: ClassVar = "train.validation"
@@ -370,6 +383,7 @@ class TrainRun(Settings):
     kl: KL
     annotator: Annotator
     teacher_model: str | None   # the external teacher's folder (methods with teacher "external": OPD)
+    tropd: TrOPD
     validation: Validation
     probe: Probe
     # the run's identity (the train rule adds these to the train section)

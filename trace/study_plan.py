@@ -226,11 +226,13 @@ class StudyPlan:
     def train_settings(self, run: str, seed) -> dict:
         """The settings of one training run (`python -m trace train --cfg`)."""
         method, annotator = self.method_and_annotator(run)
-        # `parallel` only shapes the launch (it may change between attempts without rerunning a run);
-        # `teacher_model` is a setting of the runs with an external teacher only (a new teacher reruns only them)
-        teacher = self.teacher_model_of(run)
-        train = {key: value for key, value in self.config["train"].items() if key not in ("parallel", "teacher_model")}
-        settings = {**train, **({"teacher_model": teacher} if teacher is not None else {}), "method": method, "annotator": annotator, "seed": int(seed),
+        # `parallel` only shapes the launch (it may change between attempts without rerunning a run); a key only
+        # some methods read (`teacher_model`, `tropd`) is a setting of their runs only (changing it reruns only them)
+        dropped = {"parallel", "teacher_model"} | self.get_method(method).unused_train_keys
+        train = {key: value for key, value in self.config["train"].items() if key not in dropped}
+        teacher = self.teacher_model_of(run)  # the family's teacher for its runs, else train.teacher_model
+        settings = {**train, **({"teacher_model": teacher} if teacher is not None else {}), "method": method,
+                    "annotator": annotator, "seed": int(seed),
                     "thinking": self.config["thinking"], "teacher_check_on_worse": self.teacher_check["on_worse"]}
         if self.study != "toy":  # trained only on the data source the config asks for (checked against the manifest)
             settings["train_source"] = self.config["real_data"]["train_source"]
@@ -286,7 +288,8 @@ class StudyPlan:
                         for name in ("gap", "probe_batch") if name in inputs)
 
     def teacher_gap_settings(self, model: str, context: str) -> dict:
-        return {"train": {**{k: v for k, v in self.config["train"].items() if k not in ("parallel", "teacher_model")},
+        return {"train": {**{k: v for k, v in self.config["train"].items()
+                             if k not in ("parallel", "teacher_model", "tropd")},
                           "seed": 0, "thinking": self.config["thinking"]},
                 "teacher_check": self.teacher_check, "context": context, "model": model}
 

@@ -1,7 +1,7 @@
 """The objective of each method family, in a registry keyed by ``MethodSpec.objective`` (verl-style).
 
 An objective turns one micro-batch's clipped PPO surrogate (and, while the KL channel is on, the teacher's
-hidden states) into the loss to backpropagate, logging what it computed. OPD's (opd, opd_k1) use no
+hidden states) into the loss to backpropagate, logging what it computed. OPD's (opd, opd_k1, tropd) use no
 reward at all: the full reverse KL, or a per-token advantage in place of GRPO's. ``OBJECTIVES[name]`` has:
 
     advantages(batch, adv) -> adv      per-token advantages before the surrogate (RLSD reweights them)
@@ -19,7 +19,7 @@ import torch
 from trace import losses
 from trace.logprobs import gather_logprobs
 from trace.methods import MethodSpec
-from trace.router import CORNERS, RoutedMasks
+from trace.router import CORNERS, AgreementRegion, RoutedMasks, agreement_region
 from trace.settings import TrainRun
 
 
@@ -41,6 +41,7 @@ class MicroBatch:
     strength: float                       # the schedule's strength at this step (RLSD)
     agg: dict                             # aggregation arguments with the whole batch's normalisers
     srpo_weight_mean: torch.Tensor | None  # SRPO's batch-wide weight normaliser
+    guided: torch.Tensor | None = None     # [b, T] tokens a teacher wrote (a guidance prefix); None = none
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     _teacher_sampled: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
@@ -61,13 +62,16 @@ class MicroBatch:
             return dict(top_k=kl.top_k, support="teacher", tail_bucket=True)
         raise ValueError(f"method {self.settings.method!r}: support {support!r} is not a full-distribution KL")
 
-    def divergence(self, where: torch.Tensor, kind: str, name: str, **extra) -> torch.Tensor:
-        """Per-token divergence at the routed positions only (zeros elsewhere), over the method's support;
-        ``extra`` goes to routed_divergence (beta; entry_clip=None: unclipped). Logs, per routed token over
+    def divergence(self, where: torch.Tensor, kind: str, name: str, categories: dict | None = None,
+                   **extra) -> torch.Tensor:
+        """Per-token divergence at the routed positions only (zeros elsewhere), over the method's support (or
+        ``categories``: top_k / support / tail_bucket); ``extra`` goes to routed_divergence (beta;
+        entry_clip=None: unclipped). Logs, per routed token over
         the WHOLE batch (sums and counts here, divided by the trainer): the clipped value the loss uses
         (kl/<name>_token_mean), the unclipped one (…_unclipped_token_mean) and the share of tokens whose
         value the per-entry clip scaled down (…_clip_binds_frac)."""
-        options = {**self.support(), "entry_clip": self.settings.kl.entry_clip, **extra}
+        options = {**(self.support() if categories is None else categories), "entry_clip": self.settings.kl.entry_clip,
+                   **extra}
         values, scale = losses.chunked_divergence(
             self.hidden[where], self.teacher_hidden[where], self.lm_head, kind,
             chunk_size=self.settings.logprob_chunk, teacher_lm_head_weight=self.teacher_lm_head,
@@ -94,6 +98,16 @@ class MicroBatch:
         entropy = self._teacher_sampled[1]
         self.metrics.update(teacher_entropy_sum=float(entropy.sum()), teacher_entropy_tokens=float(entropy.numel()))
 
+    def aggregate(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A [b, T] per-token loss reduced with GRPO's aggregation and the WHOLE batch's normalisers."""
+        agg = self.agg
+        return losses.aggregate(per_token, self.mask, agg["agg_mode"], agg["global_tokens"], agg["global_seqs"],
+                                agg["max_len"])
+
+    def student_written(self) -> torch.Tensor:
+        """The completion tokens the student sampled itself: all but a teacher-written guidance prefix's."""
+        return self.mask if self.guided is None else self.mask & ~self.guided.bool()
+
     def log_token_mean(self, name: str, per_token: torch.Tensor, where: torch.Tensor) -> None:
         """A per-token value logged per token of ``where`` over the whole batch (sum and count here)."""
         self.metrics[f"{name}_sum"] = float(per_token.detach()[where].sum())
@@ -119,8 +133,7 @@ def _same_advantages(batch: MicroBatch, adv: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
-    agg = batch.agg
-    return losses.aggregate(ppo, batch.mask, agg["agg_mode"], agg["global_tokens"], agg["global_seqs"], agg["max_len"])
+    return batch.aggregate(ppo)
 
 
 def trace_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
@@ -181,11 +194,11 @@ def rlsd_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
 
 
 def log_sampled_rkl(batch: MicroBatch) -> None:
-    """OPD's sampled-token estimates of KL(p‖q) at every completion token (Schulman's k1 and k3, metrics
-    only): the same numbers for every OPD estimator, so its variants can be compared."""
+    """OPD's sampled-token estimates of KL(p‖q) at every token the student sampled (Schulman's k1 and k3,
+    metrics only): the same numbers for every OPD estimator, so its variants can be compared."""
     logp, teacher_logp = batch.logp.detach(), batch.teacher_token_logp()
     for name, estimate in (("k1", losses.k1_estimate), ("k3", losses.k3_estimate)):
-        batch.log_token_mean(f"kl/opd_sampled_{name}_token_mean", estimate(logp, teacher_logp), batch.mask)
+        batch.log_token_mean(f"kl/opd_sampled_{name}_token_mean", estimate(logp, teacher_logp), batch.student_written())
 
 
 def opd_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
@@ -210,6 +223,47 @@ def opd_k1_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
     return grpo_loss(batch, ppo)
 
 
+def tropd_region(batch: MicroBatch) -> AgreementRegion:
+    """TrOPD's split of the student-written tokens (guided ones are in neither part): the trust region and
+    the outliers by agreement (trace.router.agreement_region), or every token trusted with trust_region off."""
+    tropd, own = batch.settings.tropd, batch.student_written()
+    if not tropd.trust_region:
+        return AgreementRegion(trust=own, outliers=torch.zeros_like(own))
+    return agreement_region(batch.teacher_token_logp(), own, tropd.agreement_threshold)
+
+
+def tropd_advantages(batch: MicroBatch, adv: torch.Tensor) -> torch.Tensor:
+    """TrOPD: OPD-K1's per-token advantage on the trust region, 0 on outliers and guided tokens."""
+    k1_advantages = opd_k1_advantages(batch, adv)
+    return torch.where(tropd_region(batch).trust, k1_advantages, 0.0)
+
+
+def tropd_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
+    """TrOPD: the K1 surrogate (nonzero on the trust region only) + outlier_weight·λ·KL(q‖p) over the teacher's
+    top outlier_top_k + a tail at outliers (unclipped) + imitation_weight·NLL of guided tokens, every term
+    aggregated with the batch's normalisers. Ours (?): the imitation NLL is a per-token term like the others,
+    i.e. under token-mean β × (guided share) × the mean NLL over guided tokens, so micro-batches sum exactly."""
+    tropd, region = batch.settings.tropd, tropd_region(batch)
+    loss = grpo_loss(batch, ppo)
+    k1 = losses.k1_estimate(batch.logp, batch.teacher_token_logp())
+    batch.log_token_mean("tropd/trust_frac", region.trust.float(), batch.student_written())
+    batch.log_token_mean("tropd/k1_trust_token_mean", k1, region.trust)
+    batch.log_token_mean("tropd/k1_outlier_token_mean", k1, region.outliers)
+    if tropd.trust_region and tropd.outlier_fkl:
+        fkl = batch.divergence(region.outliers, "fkl", "tropd_outlier_fkl", entry_clip=None,
+                               categories=dict(top_k=tropd.outlier_top_k, support="teacher", tail_bucket=True))
+        loss = loss + tropd.outlier_weight * batch.lam * batch.aggregate(fkl)
+    guided = torch.zeros_like(batch.mask) if batch.guided is None else batch.guided.bool() & batch.mask
+    batch.metrics["tropd/tokens_guided"] = float(guided.sum())
+    if guided.any():
+        nll = torch.where(guided, -batch.logp, 0.0)
+        batch.log_token_mean("tropd/imitation_nll_token_mean", nll, guided)
+        loss = loss + tropd.imitation_weight * batch.aggregate(nll)
+    log_sampled_rkl(batch)
+    batch.log_teacher_entropy_of_sampled()
+    return loss
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     loss: Callable[[MicroBatch, torch.Tensor], torch.Tensor]
@@ -224,6 +278,7 @@ OBJECTIVES: dict[str, Objective] = {
     "rlsd": Objective(rlsd_loss, rlsd_advantages),
     "opd": Objective(opd_loss),
     "opd_k1": Objective(opd_k1_loss, opd_k1_advantages),
+    "tropd": Objective(tropd_loss, tropd_advantages),
 }
 
 

@@ -486,9 +486,10 @@ def run_fingerprint(settings: TrainRun | Mapping, base_model: Path) -> str:
 
     settings = TrainRun.from_mapping(settings)  # a mapping (tests) is checked and typed, as by Trainer
     layout = ("steps", "save_every", "parallel", "activation_checkpointing")
-    teacher = settings.teacher_model if get_method(settings.method).teacher == "external" else None
-    unused = () if teacher is not None else ("teacher_model",)  # as in the run's params (study_plan.train_settings)
-    settings = {k: v for k, v in settings.to_dict().items() if k not in layout + unused}
+    method = get_method(settings.method)
+    teacher = settings.teacher_model if method.teacher == "external" else None
+    unused = method.unused_train_keys  # as in the run's params (study_plan.train_settings)
+    settings = {k: v for k, v in settings.to_dict().items() if k not in (*layout, *unused)}
     text = json.dumps(settings, sort_keys=True, default=str) + weights_fingerprint(base_model)
     if teacher is not None:
         text += weights_fingerprint(teacher)
