@@ -25,10 +25,21 @@ class MethodSpec:
                                    # teacher_top_k = the teacher's top train.kl.top_k + a tail bucket |
                                    # sampled = the sampled token only (a K1 policy-gradient estimate)
     needs_annotation: bool = False
+    rollout_policy: str = "student"  # student | teacher_prefix (guidance: a teacher-written prefix continued by the
+                                     # student) | trb (a teacher-aligned behaviour policy within a KL budget around
+                                     # the student); trace/rollout/behaviour.py
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher != "none"
+
+    @property
+    def unused_train_keys(self) -> tuple[str, ...]:
+        """The train.* keys this method never reads: left out of its run's settings (study_plan.train_settings)
+        and resume fingerprint, so that setting or changing one reruns only the runs that read it."""
+        reads = {"teacher_model": self.teacher == "external", "guidance": self.rollout_policy == "teacher_prefix",
+                 "trb": self.rollout_policy == "trb"}
+        return tuple(key for key, used in reads.items() if not used)
 
     @property
     def self_teacher(self) -> bool:
@@ -64,6 +75,9 @@ METHODS: dict[str, MethodSpec] = {
     "opd": MethodSpec(objective="opd", support="vocab", **_OPD),
     "opd_topk": MethodSpec(objective="opd", support="teacher_top_k", **_OPD),
     "opd_k1": MethodSpec(objective="opd_k1", support="sampled", **_OPD),
+    # TRB (not the paper's): opd's loss on rollouts from a teacher-aligned behaviour policy kept within a KL
+    # budget around the student (train.trb), annealed to 0; the loss is importance-weighted min(p/b, C) per token.
+    "trb": MethodSpec(objective="opd", support="vocab", rollout_policy="trb", **_OPD),
 }
 
 

@@ -206,9 +206,10 @@ class StudyPlan:
     def train_settings(self, run: str, seed) -> dict:
         """The settings of one training run (`python -m trace train --cfg`)."""
         method, annotator = self.method_and_annotator(run)
-        # `parallel` only shapes the launch (it may change between attempts without rerunning a run);
-        # `teacher_model` is a setting of the runs with an external teacher only (a new teacher reruns only them)
-        dropped = {"parallel"} | ({"teacher_model"} if self.teacher_model_of(run) is None else set())
+        # `parallel` only shapes the launch (it may change between attempts without rerunning a run); the keys
+        # a method never reads (`teacher_model` without an external teacher, `guidance`, `trb`) are left out, so a
+        # new teacher or trust region reruns only the runs that use it
+        dropped = {"parallel", *self.get_method(method).unused_train_keys}
         train = {key: value for key, value in self.config["train"].items() if key not in dropped}
         settings = {**train, "method": method, "annotator": annotator, "seed": int(seed),
                     "thinking": self.config["thinking"], "teacher_check_on_worse": self.teacher_check["on_worse"]}
