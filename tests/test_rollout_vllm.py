@@ -191,6 +191,10 @@ def test_every_method_trains_with_the_vllm_engine(method, engine, tiny_qwen3, tr
     external = {}
     if METHODS[method].teacher == "external":  # OPD: a teacher folder with the student's tokenizer (here itself)
         external = {"teacher_model": str(tiny_qwen3), "kl": {**BASE_TRAIN["kl"], "top_k": 5}}
+    if METHODS[method].rollout_policy != "student":  # a behaviour policy (TRB) samples on the HF engine only
+        with pytest.raises(ValueError, match=r"supported on train.rollout.engine 'hf' only \(got 'vllm'\)$"):
+            Trainer(run_config(method, **external), tiny_qwen3, train_path, tmp_path / method, engine=engine)
+        return
     trainer = Trainer(run_config(method, **external), tiny_qwen3, train_path, tmp_path / method, engine=engine)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     trainer.fit()

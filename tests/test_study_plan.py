@@ -113,10 +113,9 @@ def test_train_settings_are_train_without_parallel_plus_the_run(toy, paper):
         config = plan.config
         method, annotator = plan.method_and_annotator(run)
         train = {key: value for key, value in config["train"].items() if key != "parallel"}
-        if get_method(method).teacher != "external":  # since OPD: only its runs carry train.teacher_model
-            train.pop("teacher_model", None)
-        if get_method(method).objective != "tropd":  # since TrOPD: only its runs carry train.tropd
-            train.pop("tropd", None)
+        # since OPD and TRB: only the runs that read them carry train.teacher_model, train.guidance, train.trb
+        for key in get_method(method).unused_train_keys:
+            train.pop(key, None)
         settings = {**train, "method": method, "annotator": annotator, "seed": int(seed),
                     "thinking": config["thinking"], "teacher_check_on_worse": config["teacher_check"]["on_worse"]}
         if config["study"] != "toy":
@@ -134,6 +133,7 @@ def test_train_settings_are_train_without_parallel_plus_the_run(toy, paper):
     assert settings["annotator"]["model"] == "results/base/qwen3-32b"
     assert settings["teacher_check_on_worse"] == "refuse"
     assert "train_source" not in toy.train_settings("grpo", 0)
+    assert not {"teacher_model", "guidance", "trb"} & set(toy.train_settings("grpo", 0))   # a paper method's params
 
 
 def test_gpu_count_check_names_resources_train_gpus(paper):

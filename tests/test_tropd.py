@@ -34,10 +34,12 @@ def test_tropd_settings_and_methods():
             settings.outlier_weight, settings.imitation_weight) == (0.1, True, True, 8, 1.0, 0.001)
     assert METHODS["tropd"].rollout_policy == "teacher_prefix" and METHODS["tropd_noguide"].rollout_policy == "student"
     assert METHODS["opd_k1"].rollout_policy == "student"
-    for name in ("tropd", "tropd_noguide"):
-        assert METHODS[name].teacher == "external" and METHODS[name].unused_train_keys == frozenset()
-    assert METHODS["opd"].unused_train_keys == {"tropd"}
-    assert METHODS["grpo"].unused_train_keys == {"tropd", "teacher_model"}
+    # a run's settings carry only the train keys its method reads (tropd reads its guidance settings too)
+    assert set(METHODS["tropd"].unused_train_keys) == {"trb"} and METHODS["tropd"].teacher == "external"
+    assert set(METHODS["tropd_noguide"].unused_train_keys) == {"guidance", "trb"}
+    assert set(METHODS["opd"].unused_train_keys) == {"tropd", "guidance", "trb"}
+    assert set(METHODS["trb"].unused_train_keys) == {"tropd", "guidance"}
+    assert set(METHODS["grpo"].unused_train_keys) == {"tropd", "teacher_model", "guidance", "trb"}
 
 
 def test_only_tropd_runs_carry_train_tropd():

@@ -28,18 +28,20 @@ class MethodSpec:
                                    # FKL sums over the teacher's top train.tropd.outlier_top_k + a tail)
     needs_annotation: bool = False
     rollout_policy: str = "student"  # student | teacher_prefix (guidance: a teacher-written prefix continued by the
-                                     # student) | trb (a teacher-aligned behaviour policy within a KL budget)
+                                     # student) | trb (a teacher-aligned behaviour policy within a KL budget around
+                                     # the student); trace/rollout/behaviour.py
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher != "none"
 
     @property
-    def unused_train_keys(self) -> frozenset[str]:
-        """Keys of the train section this method never reads: left out of its runs' settings (their params and
-        resume fingerprint), so setting or changing one reruns only the runs that read it."""
-        return frozenset(key for key, reads in (("teacher_model", self.teacher == "external"),
-                                                ("tropd", self.objective == "tropd")) if not reads)
+    def unused_train_keys(self) -> tuple[str, ...]:
+        """The train.* keys this method never reads: left out of its run's settings (study_plan.train_settings)
+        and resume fingerprint, so that setting or changing one reruns only the runs that read it."""
+        reads = {"teacher_model": self.teacher == "external", "tropd": self.objective == "tropd",
+                 "guidance": self.rollout_policy == "teacher_prefix", "trb": self.rollout_policy == "trb"}
+        return tuple(key for key, used in reads.items() if not used)
 
     @property
     def self_teacher(self) -> bool:
@@ -79,6 +81,9 @@ METHODS: dict[str, MethodSpec] = {
     # teacher's top-k at the others (train.tropd); tropd also learns from teacher-written guidance prefixes.
     "tropd": MethodSpec(objective="tropd", support="sampled", rollout_policy="teacher_prefix", **_OPD),
     "tropd_noguide": MethodSpec(objective="tropd", support="sampled", **_OPD),
+    # TRB (not the paper's): opd's loss on rollouts from a teacher-aligned behaviour policy kept within a KL
+    # budget around the student (train.trb), annealed to 0; the loss is importance-weighted min(p/b, C) per token.
+    "trb": MethodSpec(objective="opd", support="vocab", rollout_policy="trb", **_OPD),
 }
 
 

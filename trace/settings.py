@@ -258,6 +258,26 @@ class TrOPD(Settings):
 
 
 @dataclasses.dataclass(frozen=True)
+class Guidance(Settings):
+    """Teacher-prefix rollouts (rollout policy teacher_prefix, trace/rollout/behaviour.py)."""
+    SCHEMA: ClassVar = ("#/properties/train/properties/guidance",)
+    WHERE: ClassVar = "train.guidance"
+    share: float
+    prefix_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TRB(Settings):
+    """TRB's trust-region behaviour policy (rollout policy trb, trace/rollout/behaviour.py)."""
+    SCHEMA: ClassVar = ("#/properties/train/properties/trb",)
+    WHERE: ClassVar = "train.trb"
+    kl_budget: float
+    warmup: int
+    end: int
+    is_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Validation(Settings):
     SCHEMA: ClassVar = ("#/properties/train/properties/validation",)
     WHERE: ClassVar = "train.validation"
@@ -384,6 +404,8 @@ class TrainRun(Settings):
     annotator: Annotator
     teacher_model: str | None   # the external teacher's folder (methods with teacher "external": OPD)
     tropd: TrOPD
+    guidance: Guidance
+    trb: TRB
     validation: Validation
     probe: Probe
     # the run's identity (the train rule adds these to the train section)

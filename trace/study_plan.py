@@ -226,9 +226,10 @@ class StudyPlan:
     def train_settings(self, run: str, seed) -> dict:
         """The settings of one training run (`python -m trace train --cfg`)."""
         method, annotator = self.method_and_annotator(run)
-        # `parallel` only shapes the launch (it may change between attempts without rerunning a run); a key only
-        # some methods read (`teacher_model`, `tropd`) is a setting of their runs only (changing it reruns only them)
-        dropped = {"parallel", "teacher_model"} | self.get_method(method).unused_train_keys
+        # `parallel` only shapes the launch (it may change between attempts without rerunning a run); the keys
+        # a method never reads (`teacher_model` without an external teacher, `tropd`, `guidance`, `trb`) are left
+        # out, so a new teacher or trust region reruns only the runs that use it; the teacher is the run's own
+        dropped = {"parallel", "teacher_model", *self.get_method(method).unused_train_keys}
         train = {key: value for key, value in self.config["train"].items() if key not in dropped}
         teacher = self.teacher_model_of(run)  # the family's teacher for its runs, else train.teacher_model
         settings = {**train, **({"teacher_model": teacher} if teacher is not None else {}), "method": method,

@@ -12,7 +12,9 @@ class RolloutBatch:
 
     Rows [i*n, (i+1)*n) are the n samples of prompt i. ``sampled_logprobs`` is the engine's own
     log-probability of each sampled token (vLLM: at the sampling temperature, see vllm_engine.py;
-    None for the HF engine); 0 at padding.
+    None for the HF engine); 0 at padding. Rollouts not sampled by the student alone
+    (trace/rollout/behaviour.py) mark the teacher's tokens (``guided_mask``) or carry the log-prob of each
+    token under the behaviour policy that sampled it (``behaviour_logprobs``, 0 at padding).
     """
     prompt_ids: torch.Tensor        # [B, P]
     prompt_mask: torch.Tensor       # [B, P]
@@ -20,6 +22,9 @@ class RolloutBatch:
     completion_mask: torch.Tensor   # [B, T]  1 up to and including the end-of-turn token
     texts: list[str]                # decoded completions (special tokens dropped)
     sampled_logprobs: torch.Tensor | None = None   # [B, T] float32
+    guided_mask: torch.Tensor | None = None        # [B, T] bool: completion tokens written by the teacher, not the student
+    behaviour_logprobs: torch.Tensor | None = None  # [B, T] float32: log-prob of each sampled token under the policy
+                                                    # that sampled it, at the sampling temperature; None = the student
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -28,6 +33,23 @@ class RolloutBatch:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def take(self, rows: list[int], prompt_width: int | None = None, completion_width: int | None = None) -> "RolloutBatch":
+        """These rows, their prompts cut to the last ``prompt_width`` columns (left padding) and every [B, T]
+        field to the first ``completion_width`` (None: all)."""
+        P = self.prompt_ids.shape[1]
+        start = P - (P if prompt_width is None else prompt_width)
+        T = self.completion_ids.shape[1] if completion_width is None else completion_width
+        fields = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "texts":
+                fields[field.name] = [value[i] for i in rows]
+            elif value is not None:
+                fields[field.name] = value[rows, start:] if field.name.startswith("prompt_") else value[rows, :T]
+            else:
+                fields[field.name] = None
+        return RolloutBatch(**fields)
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -57,6 +57,12 @@ class HFRolloutEngine:
         self.sampling = dict(sampling)
         self.eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
 
+    def encode(self, prompts: list[str], n: int, device) -> dict[str, torch.Tensor]:
+        """The prompts' ids and attention mask, each prompt repeated n times, left-padded to one width."""
+        repeated = [p for p in prompts for _ in range(n)]
+        return self.tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False,
+                              padding_side="left").to(device)
+
     @torch.no_grad()
     def generate(self, model, prompts: list[str], n: int, sampling: Mapping | None = None,
                  row_seeds: list[int] | None = None, synced: bool = False) -> RolloutBatch:
@@ -67,28 +73,42 @@ class HFRolloutEngine:
         depend on which rows share the batch (a rank's share reproduces the one-process rollouts).
         synced: keep every rank stepping until all are done (sharded weights are gathered per forward).
         """
+        enc = self.encode(prompts, n, model.device)
+        completion_ids = self.generate_ids(model, enc["input_ids"], enc["attention_mask"], sampling, row_seeds, synced)
+        return self.batch(enc["input_ids"], enc["attention_mask"], completion_ids)
+
+    @torch.no_grad()
+    def generate_ids(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     sampling: Mapping | None = None, row_seeds: list[int] | None = None, synced: bool = False,
+                     sampler=None) -> torch.Tensor:
+        """The sampled completion ids [B, T] after left-padded ``input_ids`` (as ``generate`` returns them:
+        rows that ended early continue with padding). ``sampler``: a logits processor that picks each row's
+        token itself (returns one finite score per row, e.g. a behaviour policy, trace/rollout/behaviour.py);
+        it replaces the engine's sampling, whose max_new_tokens still applies."""
         s = {**self.sampling, **(sampling or {})}
-        repeated = [p for p in prompts for _ in range(n)]
-        enc = self.tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False,
-                             padding_side="left").to(model.device)
         was_training = model.training
         model.eval()
         # sampling {"do_sample": False} decodes greedily (the prompted annotator tiers' default)
         do_sample = s.get("do_sample", True)
         decoding = dict(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"]) if do_sample else {}
-        if do_sample and row_seeds is not None:  # the per-row sampler draws; generate then just takes its pick
-            decoding = dict(logits_processor=[PerRowSampler(row_seeds, s, model.device)])
-            do_sample = False
+        if sampler is None and do_sample and row_seeds is not None:  # the per-row sampler draws
+            sampler = PerRowSampler(row_seeds, s, model.device)
+        if sampler is not None:  # generate then just takes its pick
+            decoding, do_sample = dict(logits_processor=[sampler]), False
         out = model.generate(
-            **enc, do_sample=do_sample, max_new_tokens=s["max_new_tokens"], **decoding,
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=do_sample,
+            max_new_tokens=s["max_new_tokens"], **decoding,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_id, synced_gpus=synced,
         )
         model.train(was_training)
-        completion_ids = out[:, enc["input_ids"].shape[1]:]
+        return out[:, input_ids.shape[1]:]
+
+    def batch(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor) -> RolloutBatch:
+        """The RolloutBatch of these completions: cut after each row's end-of-turn, padded, decoded."""
         completion_mask = completion_mask_from_ids(completion_ids, self.eos_id)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return RolloutBatch(enc["input_ids"], enc["attention_mask"], completion_ids, completion_mask, texts)
+        return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
 
     def sync_weights(self, policy) -> None:
         """Nothing to copy: ``generate`` runs the policy object itself."""
@@ -116,6 +136,16 @@ class PerRowSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"PerRowSampler has {len(self.generators)} seeds for {scores.shape[0]} rows")
-        probs = self.warpers(input_ids, scores).softmax(-1)
-        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        return torch.full_like(scores, -float("inf")).scatter_(1, picks.unsqueeze(1), 0.0)
+        return pick_scores(scores, draw_rows(self.warpers(input_ids, scores).softmax(-1), self.generators))
+
+
+def draw_rows(probs: torch.Tensor, generators: list | None = None) -> torch.Tensor:
+    """One sample per row of ``probs`` [B, V] -> [B]: from each row's own generator, or torch's global one."""
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
+def pick_scores(scores: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """Scores that make greedy decoding take ``picks`` [B]: 0 there, −inf elsewhere."""
+    return torch.full_like(scores, -float("inf")).scatter_(1, picks.unsqueeze(1), 0.0)

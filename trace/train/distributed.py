@@ -316,13 +316,9 @@ def token_budget_plan(rollouts: RolloutBatch, token_budget: int, max_rows: int, 
 def trim_micro_batch(rows, rollouts: RolloutBatch, advantages, correct, routed, teacher_prompts):
     """The micro-batch on its own: its rows, cut to its longest prompt (left padding) and completion
     (right padding); the dropped columns are padding in every row, so the loss is unchanged."""
-    P = rollouts.prompt_ids.shape[1]
     p = int(rollouts.prompt_mask[rows].sum(1).max())
     t = max(int(rollouts.completion_mask[rows].sum(1).max()), 1)
-    sub = RolloutBatch(rollouts.prompt_ids[rows, P - p:], rollouts.prompt_mask[rows, P - p:],
-                       rollouts.completion_ids[rows, :t], rollouts.completion_mask[rows, :t],
-                       [rollouts.texts[i] for i in rows],
-                       None if rollouts.sampled_logprobs is None else rollouts.sampled_logprobs[rows, :t])
+    sub = rollouts.take(rows, p, t)
     if routed is not None:
         routed = RoutedMasks(routed.key[rows, :t], routed.error[rows, :t], routed.rest[rows, :t])
     prompts = None if teacher_prompts is None else [teacher_prompts[i] for i in rows]

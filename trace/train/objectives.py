@@ -41,7 +41,8 @@ class MicroBatch:
     strength: float                       # the schedule's strength at this step (RLSD)
     agg: dict                             # aggregation arguments with the whole batch's normalisers
     srpo_weight_mean: torch.Tensor | None  # SRPO's batch-wide weight normaliser
-    guided: torch.Tensor | None = None     # [b, T] tokens a teacher wrote (a guidance prefix); None = none
+    guided: torch.Tensor | None = None          # [b, T] bool: tokens the teacher wrote (teacher-prefix rollouts)
+    behaviour_logp: torch.Tensor | None = None  # [b, T] log-prob under the policy that sampled (None: the student)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     _teacher_sampled: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
@@ -91,6 +92,20 @@ class MicroBatch:
                                             self.targets[self.mask], self.temperature, self.settings.logprob_chunk)
             self._teacher_sampled = (losses.tokens_from_positions(flat.detach(), self.mask), entropy)
         return self._teacher_sampled[0]
+
+    def importance_weights(self) -> torch.Tensor | None:
+        """Off-policy correction where another policy sampled the tokens (``behaviour_logp`` set, e.g. TRB):
+        the truncated importance weight w_t = min(p(y_t)/b(y_t), C) per token, detached (C = train.trb.is_clip);
+        None when the student sampled. Logs, per token over the whole batch, the raw ratio (is/ratio_raw) beside
+        the weight used (is/weight) and the share of tokens the cap binds (is/clipped_frac)."""
+        if self.behaviour_logp is None:
+            return None
+        ratio = torch.exp(self.logp.detach() - self.behaviour_logp.to(self.logp.dtype))
+        cap = self.settings.trb.is_clip
+        weight = ratio.clamp(max=cap)
+        for name, value in (("ratio_raw", ratio), ("weight", weight), ("clipped_frac", (ratio > cap).float())):
+            self.log_token_mean(f"is/{name}", value, self.mask)
+        return weight
 
     def log_teacher_entropy_of_sampled(self) -> None:
         """The teacher's entropy at every completion token, from teacher_token_logp's projection."""
@@ -203,8 +218,12 @@ def log_sampled_rkl(batch: MicroBatch) -> None:
 
 def opd_loss(batch: MicroBatch, ppo: torch.Tensor) -> torch.Tensor:
     """OPD: λ·KL(p_t‖q_t) (reverse) at every completion token toward the external teacher, over the method's
-    support (opd: the vocabulary; opd_topk: the teacher's top-K + tail), unclipped; no GRPO term (ppo unused)."""
+    support (opd: the vocabulary; opd_topk: the teacher's top-K + tail), unclipped; no GRPO term (ppo unused).
+    Tokens another policy sampled (TRB) are weighted by their truncated importance weight."""
     rkl = batch.divergence(batch.mask, "rkl", "opd", entry_clip=None)
+    weights = batch.importance_weights()
+    if weights is not None:
+        rkl = rkl * weights
     log_sampled_rkl(batch)
     batch.log_teacher_entropy_of_sampled()
     return losses.opd_objective(rkl, batch.mask, weight=batch.lam, **batch.agg)

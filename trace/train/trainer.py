@@ -1,7 +1,8 @@
 """The training loop: one optimizer step of GRPO / TRACE / the self-distillation baselines.
 
 Read ``train_step`` top to bottom; each paper concept is one named thing:
-  rollouts  -> trace.rollout (engines: Hugging Face generate, or vLLM colocated; train.rollout)
+  rollouts  -> trace.rollout (engines: Hugging Face generate, or vLLM colocated; train.rollout); who samples:
+               trace.rollout.behaviour (the student, or a teacher-leaning behaviour policy: MethodSpec.rollout_policy)
   reward    -> trace.verify.grade_many (the same grader as evaluation)
   span annotator -> trace.annotate.setup.annotator_for (tiers: toy oracle, API, self, frozen, static)
   router    -> trace.router.build_routed_masks
@@ -38,6 +39,7 @@ from trace.logprobs import completion_hidden_states, gather_logprobs
 from trace.methods import MethodSpec, get_method
 from trace.prompting import render_prompt, teacher_prompt
 from trace.rollout import RolloutBatch, build_engine
+from trace.rollout.behaviour import rollout_policy_for
 from trace.router import RoutedMasks, build_routed_masks
 from trace.schedule import LambdaSchedule
 from trace.settings import TrainRun, replace
@@ -96,6 +98,7 @@ class Trainer:
         self.engine = engine or build_engine(settings, self.tokenizer, weights, self.run.work)
         if engine is not None:
             engine.sync_weights(self.policy)
+        self.rollout_policy = rollout_policy_for(self.method.rollout_policy, settings, self.engine)
         kl = settings.kl
         self.schedule = LambdaSchedule(self.method.schedule, kl.w0, kl.warmup, kl.end)
         self.teacher = None
@@ -233,8 +236,10 @@ class Trainer:
         first, prompt_records = self.dist.share(self.sample_prompts(step))  # this rank's whole groups
         records = [r for r in prompt_records for _ in range(G)]
         prompts = [render_prompt(self.tokenizer, r, settings.thinking) for r in prompt_records]
-        rollouts = self.engine.generate(self.policy, prompts, G,
-                                        **rollout_options(settings, self.dist, step, first, len(prompts)))
+        # (by the method's rollout policy: the student, or a behaviour policy leaning on the teacher)
+        teacher_model = None if self.teacher is None else self.teacher.model
+        rollouts, rollout_sums = self.rollout_policy(step, self.policy, teacher_model, prompts, G,
+                                                     **rollout_options(settings, self.dist, step, first, len(prompts)))
         self.dist.reshard(self.policy)
         t_rollout = time.time() - started
 
@@ -281,7 +286,7 @@ class Trainer:
                             if teacher_on and self.method.objective == "srpo" else None)
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = dict(rollout_sums)
         plan = (token_budget_plan(rollouts, settings.micro_batch_tokens, settings.micro_batch_size, self.dist)
                 if settings.micro_batch_tokens else _micro_batches(len(records), settings.micro_batch_size))
         for rows in plan:
@@ -313,6 +318,7 @@ class Trainer:
             "groups_with_signal": self.dist.mean(float((rewards.view(-1, G).std(dim=1) > 0).float().mean())),
             "rollout_s": round(t_rollout, 3),
             "step_s": round(time.time() - started, 3),
+            **self.rollout_policy.step_values(step),
         }
         if routed is not None:
             row.update(tokens_key=float(self.dist.sum(routed.key.sum())),
@@ -382,7 +388,9 @@ class Trainer:
             settings, self.method, mask, targets, hidden, W, logp, correct[rows],
             None if routed is None else RoutedMasks(routed.key[rows], routed.error[rows], routed.rest[rows]),
             teacher_hidden, None if teacher_hidden is None else self.teacher.lm_head_weight,
-            lam, self.schedule.strength(step), agg, srpo_weight_mean)
+            lam, self.schedule.strength(step), agg, srpo_weight_mean,
+            guided=None if rollouts.guided_mask is None else rollouts.guided_mask[rows],
+            behaviour_logp=None if rollouts.behaviour_logprobs is None else rollouts.behaviour_logprobs[rows])
         objective = objective_for(self.method, teacher_on=teacher_hidden is not None)
         adv = objective.advantages(batch, advantages[rows])
         ppo, clip = losses.ppo_clip_per_token(logp, old_logp, adv, settings.eps_low, settings.eps_high,
