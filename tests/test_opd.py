@@ -190,6 +190,22 @@ def fixed_batch_rkl(trainer, rollouts, records) -> float:
     return float(values.mean())
 
 
+def fit_on_a_fixed_batch(trainer, run_dir) -> tuple[float, float, list[dict]]:
+    """The full reverse KL to the teacher on a fixed batch of the student's rollouts (6 prompts × 2) before and
+    after trainer.fit(), and the run's metrics rows."""
+    from trace.prompting import render_prompt
+
+    records = trainer.records[:6]
+    torch.manual_seed(123)
+    rollouts = trainer.engine.generate(trainer.policy, [render_prompt(trainer.tokenizer, r, False) for r in records],
+                                       2, row_seeds=None, synced=False)
+    records = [r for r in records for _ in range(2)]
+    before = fixed_batch_rkl(trainer, rollouts, records)
+    trainer.fit()
+    after = fixed_batch_rkl(trainer, rollouts, records)
+    return before, after, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("method", ["opd", "opd_k1"])
 def test_the_student_as_its_own_teacher_gives_zero_kl_and_no_gradient(method, tiny_base, toy_data, tmp_path):
     from trace.train.trainer import Trainer
@@ -210,7 +226,6 @@ def test_opd_lowers_the_reverse_kl_to_a_wider_teacher_on_a_fixed_batch(method, t
     KL is > 0, and after a few OPD steps the full reverse KL on a fixed batch of the student's rollouts is lower."""
     from transformers import AutoTokenizer
 
-    from trace.prompting import render_prompt
     from trace.train.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -218,15 +233,7 @@ def test_opd_lowers_the_reverse_kl_to_a_wider_teacher_on_a_fixed_batch(method, t
     trainer = Trainer(run_config(method, teacher_dir, steps=4, lr=3e-3), tiny_base, toy_data / "train.jsonl",
                       tmp_path / "run")
     assert trainer.teacher.model.config.hidden_size == 48 != trainer.policy.config.hidden_size
-    records = trainer.records[:6]
-    torch.manual_seed(123)
-    rollouts = trainer.engine.generate(trainer.policy, [render_prompt(trainer.tokenizer, r, False) for r in records],
-                                       2, row_seeds=None, synced=False)
-    records = [r for r in records for _ in range(2)]
-    before = fixed_batch_rkl(trainer, rollouts, records)
-    trainer.fit()
-    after = fixed_batch_rkl(trainer, rollouts, records)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before, after, rows = fit_on_a_fixed_batch(trainer, tmp_path / "run")
     print(method, f"fixed-batch RKL {before:.4f} -> {after:.4f};",
           "logged", [round(r["kl/opd_token_mean"], 4) for r in rows], "k3", [round(r["kl/opd_sampled_k3_token_mean"], 4)
                                                                          for r in rows])

@@ -86,6 +86,23 @@ def test_paper_tables_are_targets_of_their_own(slurm_profile_home, materialised_
                     ["grpo", "trace_fkl", "trace_fkl@frozen", "trace_fkl@self", "trace_fkl@static"]]
     frozen = next(line for line in result.stdout.splitlines() if "trace_fkl@frozen" in line and "-m trace train" in line)
     assert '"model": "results/base/qwen3-32b"' in frozen and '"train_source": "openthoughts"' in frozen
+    # beyond the paper: the opd_family on Qwen3-1.7B from the Qwen3-8B base, 6 methods x 3 seeds
+    result = snakemake("opd_family", "-n", "--profile", "slurm", "--forceall", "--quiet", "rules",
+                       workdir=materialised_models, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert job_counts(result.stdout + result.stderr) == {
+        "base_model": 2, "benchmark_data": 1, "train_data": 1, "teacher_gap": 1, "train": 18, "evaluate": 19,
+        "opd_family": 1}
+    result = snakemake("opd_family", "-n", "--profile", "slurm", "--forceall", "-p", workdir=materialised_models,
+                       env=env)
+    trains = [line for line in result.stdout.splitlines() if "-m trace train" in line]
+    external = [line for line in trains if any(f'"method": "{m}"' in line for m in ("opd", "tropd", "tropd_noguide", "trb"))]
+    assert len(external) == 12 and all('"teacher_model": "results/base/qwen3-8b"' in line for line in external)
+    assert not any('"teacher_model"' in line for line in trains if line not in external)
+    # the behaviour-policy runs (TRB's blend, TrOPD's teacher prefix) sample with HF generate, the others with vLLM
+    behaviour = [line for line in trains if any(f'"method": "{m}"' in line for m in ("tropd", "trb"))]
+    assert len(behaviour) == 6 and all('"engine": "hf"' in line for line in behaviour)
+    assert all('"engine": "vllm"' in line for line in trains if line not in behaviour)
 
 
 def test_offline_dry_run_fails_fast_naming_the_missing_model(tmp_path):

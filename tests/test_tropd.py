@@ -4,7 +4,6 @@ guided tokens) and each switch; only tropd runs carry train.tropd; (slow) real s
 student lower the reverse KL."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -174,23 +173,14 @@ def perturbed_copy(base, out, noise: float, seed: int):
 def test_tropd_lowers_the_reverse_kl_to_another_teacher_on_a_fixed_batch(tiny_base, toy_data, tmp_path):
     """tropd_noguide toward a noisy copy of the base (it agrees on some tokens, not on others): both regions are
     populated, and after a few steps the full reverse KL on a fixed batch of the student's rollouts is lower."""
-    from test_opd import fixed_batch_rkl, run_config
-    from trace.prompting import render_prompt
+    from test_opd import fit_on_a_fixed_batch, run_config
     from trace.train.trainer import Trainer
 
     torch.set_num_threads(1)
     teacher_dir = perturbed_copy(tiny_base, tmp_path / "teacher", noise=0.5, seed=1)
     trainer = Trainer(run_config("tropd_noguide", teacher_dir, steps=4, lr=3e-3), tiny_base,
                       toy_data / "train.jsonl", tmp_path / "run")
-    records = trainer.records[:6]
-    torch.manual_seed(123)
-    rollouts = trainer.engine.generate(trainer.policy, [render_prompt(trainer.tokenizer, r, False) for r in records],
-                                       2, row_seeds=None, synced=False)
-    records = [r for r in records for _ in range(2)]
-    before = fixed_batch_rkl(trainer, rollouts, records)
-    trainer.fit()
-    after = fixed_batch_rkl(trainer, rollouts, records)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before, after, rows = fit_on_a_fixed_batch(trainer, tmp_path / "run")
     print(f"fixed-batch RKL {before:.4f} -> {after:.4f};", [
         {k: round(r[k], 4) for k in ("tropd/trust_frac", "tropd/k1_trust_token_mean", "tropd/k1_outlier_token_mean",
                                      "kl/tropd_outlier_fkl_token_mean", "kl/opd_sampled_k3_token_mean")} for r in rows])

@@ -229,8 +229,13 @@ class StudyPlan:
         # `parallel` only shapes the launch (it may change between attempts without rerunning a run); the keys
         # a method never reads (`teacher_model` without an external teacher, `tropd`, `guidance`, `trb`) are left
         # out, so a new teacher or trust region reruns only the runs that use it; the teacher is the run's own
-        dropped = {"parallel", "teacher_model", *self.get_method(method).unused_train_keys}
+        spec = self.get_method(method)
+        dropped = {"parallel", "teacher_model", *spec.unused_train_keys}
         train = {key: value for key, value in self.config["train"].items() if key not in dropped}
+        if spec.rollout_policy != "student" and train["rollout"]["engine"] != "hf":
+            # a behaviour policy (TRB's per-token blend of two models, TrOPD's teacher prefix) samples with
+            # Hugging Face generate: vLLM cannot blend another model's logits into its sampler (docs/methods.md)
+            train["rollout"] = {**train["rollout"], "engine": "hf"}
         teacher = self.teacher_model_of(run)  # the family's teacher for its runs, else train.teacher_model
         settings = {**train, **({"teacher_model": teacher} if teacher is not None else {}), "method": method,
                     "annotator": annotator, "seed": int(seed),
