@@ -115,12 +115,13 @@ def test_the_family_table_equals_its_hand_computed_values():
 
 
 def test_training_summaries_ignore_steps_outside_their_window():
-    curves = pd.DataFrame({"method": "trb", "seed": 0, "step": [0, 1, 2], "grad_norm": [1.0, 2.0, 6.0],
-                           "entropy": [0.5, 0.5, 0.5], "accuracy": [0.0, 0.5, 1.0],
-                           "trb/kl_budget": [0.2, 0.0, 0.0], "trb/realised_kl": [0.1, 0.0, 0.0]})
+    curves = pd.DataFrame({"method": "trb", "seed": 0, "step": [2, 0, 1], "grad_norm": [6.0, 1.0, 2.0],
+                           "entropy": [0.5, 0.5, 0.5], "accuracy": [1.0, 0.0, 0.5], "val/mean_at_k": [0.7, None, 0.4],
+                           "trb/kl_budget": [0.0, 0.2, 0.0], "trb/realised_kl": [0.0, 0.1, 0.0]})
     row = training_summaries(curves, early_steps=2).iloc[0]
     assert row["grad_norm"] == pytest.approx(3.0) and row["early_accuracy"] == pytest.approx(0.25)
     assert row["trb_realised_kl"] == pytest.approx(0.1) and row["trb_budget"] == pytest.approx(0.2)
+    assert row["first_validation"] == pytest.approx(0.4)  # step 1's, the first step that validated
     assert math.isnan(row["trust_share"])
 
 

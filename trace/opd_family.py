@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trace.report import (ALL_BENCHMARKS, CURVE_COLUMNS, _save, _write_markdown, aggregate, calibration_table,
+from trace.report import (ALL_BENCHMARKS, CURVE_COLUMNS, VAL, _save, _write_markdown, aggregate, calibration_table,
                           cell_estimates, read_aggregate_csv, t_interval, versus_grpo)
 from trace.settings import FamilyJob
 
@@ -32,7 +32,8 @@ FAMILY_CURVES = (*CURVE_COLUMNS, "accuracy", TRB_BUDGET, TRB_REALISED, "trb/eta_
                  "kl/opd_token_mean")
 # the table's per-run training summaries: (column, curve, which steps)
 SUMMARIES = (("grad_norm", "grad_norm", "all"), ("entropy", "entropy", "all"),
-             ("early_accuracy", "accuracy", "early"), ("kl_to_teacher", TEACHER_KL, "all"),
+             ("early_accuracy", "accuracy", "early"), ("first_validation", VAL, "first"),
+             ("kl_to_teacher", TEACHER_KL, "all"),
              ("trust_share", TRUST_SHARE, "all"), ("trb_budget", TRB_BUDGET, "budget_on"),
              ("trb_realised_kl", TRB_REALISED, "budget_on"))
 
@@ -47,16 +48,21 @@ def run(job: FamilyJob, eval_files: list[Path], metrics_files: list[Path], out_d
 
 def training_summaries(curves: pd.DataFrame, early_steps: int) -> pd.DataFrame:
     """Per (method, seed): each SUMMARIES value as the mean over its steps (early: step < early_steps; budget_on:
-    steps whose TRB budget is > 0); NaN where the run does not log it."""
+    steps whose TRB budget is > 0; first: the first step that logs it); NaN where the run does not log it."""
     rows = []
     for (method, seed), steps in curves.groupby(["method", "seed"]):
         row = {"method": method, "seed": seed}
         for name, column, which in SUMMARIES:
-            values = steps[column] if column in steps else pd.Series(dtype=float)
+            if column not in steps:
+                row[name] = np.nan
+                continue
+            values = steps[column]
             if which == "early":
                 values = values[steps["step"] < early_steps]
             elif which == "budget_on" and TRB_BUDGET in steps:
                 values = values[steps[TRB_BUDGET].fillna(0) > 0]
+            elif which == "first":  # the student's own held-out accuracy at its first validation
+                values = values.loc[steps.loc[values.notna(), "step"].sort_values().index[:1]]
             row[name] = float(values.mean()) if values.notna().any() else np.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=["method", "seed", *[name for name, _, _ in SUMMARIES]])
@@ -115,7 +121,8 @@ def _with_ci(value: float, low: float, high: float, digits: int) -> str:
 
 
 MARKDOWN = (("AVG %", "avg", 2), ("Δ vs GRPO", "delta_vs_grpo", 2), ("grad norm", "grad_norm", 3),
-            ("entropy", "entropy", 3), ("early acc", "early_accuracy", 3), ("ECE", "ece", 3), ("Brier", "brier", 3),
+            ("entropy", "entropy", 3), ("early acc", "early_accuracy", 3), ("1st val", "first_validation", 3),
+            ("ECE", "ece", 3), ("Brier", "brier", 3),
             ("KL(student‖teacher)", "kl_to_teacher", 3), ("trust share", "trust_share", 3),
             ("TRB budget", "trb_budget", 3), ("TRB realised KL", "trb_realised_kl", 4))
 
@@ -156,7 +163,8 @@ def write_table_and_figure(job: FamilyJob, aggregate_dir: Path, out_dir: Path) -
               f"{family.teacher}, seeds {', '.join(map(str, family.seeds))}: AVG = avg@{k} over the benchmarks "
               f"({', '.join(job.benchmarks)}), mean over seeds [95% t-interval over seeds]; Δ vs GRPO paired by seed; "
               f"grad norm (before clipping) and entropy (nats per token) = each run's mean over its steps, then over "
-              f"seeds; early acc = training-rollout accuracy over steps [0, {family.early_steps}); ECE / Brier of "
+              f"seeds; early acc = training-rollout accuracy over steps [0, {family.early_steps}) (TRB: its behaviour "
+              f"policy's rollouts); 1st val = the student's held-out mean@k at its first validation; ECE / Brier of "
               f"agreement confidence ({job.calibration_bins} bins; CI: bootstrap over problems); KL(student‖teacher) "
               "= the k3 sampled estimate per completion token on the training rollouts (methods with an external "
               "teacher); trust share = TrOPD's trust-region tokens; TRB budget / realised KL = the KL budget ε_k and "
