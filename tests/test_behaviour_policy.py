@@ -142,6 +142,30 @@ def test_teacher_prefix_rollouts_mark_exactly_the_teachers_tokens(tiny_pair):
     assert torch.equal(batch.prompt_ids, enc["input_ids"])
 
 
+def test_a_teacher_prefix_that_ends_the_turn_is_the_whole_completion(tiny_pair):
+    """A teacher whose output layer always says end-of-turn: each guided row is that one token, all guided, and the
+    student does not continue it; the unguided rows are the student's own."""
+    import copy
+
+    student, teacher, engine = tiny_pair
+    ender = copy.deepcopy(teacher)
+    width, vocab = ender.config.hidden_size, ender.get_output_embeddings().weight.shape[0]
+    ender.lm_head = torch.nn.Linear(width, vocab, bias=True)
+    with torch.no_grad():
+        ender.lm_head.weight.zero_()
+        ender.lm_head.bias.fill_(-30.0)
+        ender.lm_head.bias[engine.eos_id] = 30.0
+    settings = default_run("opd", guidance={"share": 0.5, "prefix_tokens": 5}, sampling=UNTRUNCATED)
+    batch, sums = rollout_policy_for("teacher_prefix", settings, engine)(0, student, ender, PROMPTS, 4,
+                                                                        row_seeds=seeds(8))
+    guided = [0, 1, 4, 5]
+    assert batch.completion_mask[guided].sum(1).tolist() == [1, 1, 1, 1]
+    assert batch.completion_ids[guided, 0].tolist() == [engine.eos_id] * 4
+    assert batch.guided_mask[guided, 0].all() and int(batch.guided_mask.sum()) == 4
+    assert sums["guidance/prefix_tokens_mean_sum"] / sums["guidance/prefix_tokens_mean_tokens"] == 1.0
+    assert all(batch.texts[row] == "" for row in guided)
+
+
 def test_trb_with_a_zero_budget_samples_the_students_own_rollouts(tiny_pair):
     student, teacher, engine = tiny_pair
     row_seeds = seeds(4)

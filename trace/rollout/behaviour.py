@@ -144,7 +144,10 @@ class TeacherPrefixRollouts(StudentRollouts):
             completions[row] = written[:length]
         # the student continues the prefixes that did not end the turn (all prefix_tokens long), within the
         # same total max_new_tokens as its own rollouts (the loss's length normaliser)
-        go_on = [i for i, row in enumerate(guided) if completions[row][-1] != engine.eos_id]
+        ended = {i for i, row in enumerate(guided) if completions[row][-1] == engine.eos_id}
+        # under torchrun (synced) every rank must make the same generate calls, as the sharded weights are
+        # gathered per forward: there the ended prefixes are continued too, and that continuation dropped
+        go_on = [i for i in range(len(guided)) if synced or i not in ended]
         budget = self.settings.sampling.max_new_tokens - prefix_tokens
         if go_on and budget > 0:
             rows = [guided[i] for i in go_on]
@@ -153,8 +156,10 @@ class TeacherPrefixRollouts(StudentRollouts):
             # a row's continuation draws from its own generator, seeded apart from the teacher's prefix draws
             more = engine.batch(context, context_mask, engine.generate_ids(
                 student, context, context_mask, {"max_new_tokens": budget}, seeds(rows, 1), synced))
-            for row, written, length in zip(rows, more.completion_ids.tolist(), more.completion_mask.sum(1).tolist()):
-                completions[row] += written[:length]
+            for i, row, written, length in zip(go_on, rows, more.completion_ids.tolist(),
+                                               more.completion_mask.sum(1).tolist()):
+                if i not in ended:
+                    completions[row] += written[:length]
         if own:
             mine = engine.batch(ids[own], mask[own], engine.generate_ids(student, ids[own], mask[own], None,
                                                                          seeds(own), synced))
