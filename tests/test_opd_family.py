@@ -97,7 +97,7 @@ def test_the_family_table_equals_its_hand_computed_values():
     assert table.loc["grpo", "avg_ci_low"] == pytest.approx(42.0 - t2 * 2 / math.sqrt(3))
     # Δ vs GRPO paired by seed: 10, 12, 11 -> 11 ± t·1/√3
     assert table.loc["opd", "delta_vs_grpo"] == pytest.approx(11.0)
-    assert table.loc["opd", "delta_ci_high"] == pytest.approx(11.0 + t2 / math.sqrt(3))
+    assert table.loc["opd", "delta_vs_grpo_ci_high"] == pytest.approx(11.0 + t2 / math.sqrt(3))
     # grad norm: each run's mean over steps is base + seed + 1.5; over seeds base + 2.5, sd 1
     assert table.loc["opd", "grad_norm"] == pytest.approx(3.0)
     assert table.loc["grpo", "grad_norm_ci_low"] == pytest.approx(3.5 - t2 / math.sqrt(3))
@@ -112,15 +112,18 @@ def test_the_family_table_equals_its_hand_computed_values():
     shown = family_markdown(table)
     assert shown.loc["opd", "AVG %"] == f"53.00 [{53 - t2 * math.sqrt(3):.2f}, {53 + t2 * math.sqrt(3):.2f}]"
     assert shown.loc["grpo", "TRB realised KL"] == "n/a" and shown.loc["base", "seeds"] == "1"
+    assert shown.loc["opd", "Δ vs GRPO"] == f"11.00 [{11 - t2 / math.sqrt(3):.2f}, {11 + t2 / math.sqrt(3):.2f}]"
 
 
 def test_training_summaries_ignore_steps_outside_their_window():
     curves = pd.DataFrame({"method": "trb", "seed": 0, "step": [2, 0, 1], "grad_norm": [6.0, 1.0, 2.0],
                            "entropy": [0.5, 0.5, 0.5], "accuracy": [1.0, 0.0, 0.5], "val/mean_at_k": [0.7, None, 0.4],
-                           "trb/kl_budget": [0.0, 0.2, 0.0], "trb/realised_kl": [0.0, 0.1, 0.0]})
+                           "trb/kl_budget": [0.0, 0.2, 0.0], "trb/realised_kl": [0.0, 0.1, 0.0],
+                           "kl/opd_sampled_k3_token_mean": [0.3, 9.0, 0.5]})
     row = training_summaries(curves, early_steps=2).iloc[0]
     assert row["grad_norm"] == pytest.approx(3.0) and row["early_accuracy"] == pytest.approx(0.25)
     assert row["trb_realised_kl"] == pytest.approx(0.1) and row["trb_budget"] == pytest.approx(0.2)
+    assert row["kl_to_teacher"] == pytest.approx(0.4)  # steps 2 and 1 (budget 0), not step 0 (TRB sampled it)
     assert row["first_validation"] == pytest.approx(0.4)  # step 1's, the first step that validated
     assert math.isnan(row["trust_share"])
 

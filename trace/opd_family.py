@@ -33,9 +33,9 @@ FAMILY_CURVES = (*CURVE_COLUMNS, "accuracy", TRB_BUDGET, TRB_REALISED, "trb/eta_
 # the table's per-run training summaries: (column, curve, which steps)
 SUMMARIES = (("grad_norm", "grad_norm", "all"), ("entropy", "entropy", "all"),
              ("early_accuracy", "accuracy", "early"), ("first_validation", VAL, "first"),
-             ("kl_to_teacher", TEACHER_KL, "all"),
-             ("trust_share", TRUST_SHARE, "all"), ("trb_budget", TRB_BUDGET, "budget_on"),
-             ("trb_realised_kl", TRB_REALISED, "budget_on"))
+             ("kl_to_teacher", TEACHER_KL, "own_rollouts"), ("trust_share", TRUST_SHARE, "all"),
+             ("trb_budget", TRB_BUDGET, "budget_on"), ("trb_realised_kl", TRB_REALISED, "budget_on"),
+             ("trb_eta", "trb/eta_mean", "budget_on"))
 
 
 def run(job: FamilyJob, eval_files: list[Path], metrics_files: list[Path], out_dir: Path) -> None:
@@ -48,7 +48,8 @@ def run(job: FamilyJob, eval_files: list[Path], metrics_files: list[Path], out_d
 
 def training_summaries(curves: pd.DataFrame, early_steps: int) -> pd.DataFrame:
     """Per (method, seed): each SUMMARIES value as the mean over its steps (early: step < early_steps; budget_on:
-    steps whose TRB budget is > 0; first: the first step that logs it); NaN where the run does not log it."""
+    steps whose TRB budget is > 0; own_rollouts: the steps whose rollouts the student sampled itself, i.e. TRB's once
+    its budget is 0; first: the first step that logs it); NaN where the run does not log it."""
     rows = []
     for (method, seed), steps in curves.groupby(["method", "seed"]):
         row = {"method": method, "seed": seed}
@@ -61,6 +62,8 @@ def training_summaries(curves: pd.DataFrame, early_steps: int) -> pd.DataFrame:
                 values = values[steps["step"] < early_steps]
             elif which == "budget_on" and TRB_BUDGET in steps:
                 values = values[steps[TRB_BUDGET].fillna(0) > 0]
+            elif which == "own_rollouts" and TRB_BUDGET in steps:  # a sampled estimate needs the student's samples
+                values = values[steps[TRB_BUDGET].fillna(0) == 0]
             elif which == "first":  # the student's own held-out accuracy at its first validation
                 values = values.loc[steps.loc[values.notna(), "step"].sort_values().index[:1]]
             row[name] = float(values.mean()) if values.notna().any() else np.nan
@@ -99,8 +102,8 @@ def family_table(job: FamilyJob, evals: pd.DataFrame, curves: pd.DataFrame,
             row.update(n_seeds=int(cell["n_seeds"]), avg=cell["ours"], avg_ci_low=cell["ci_low"],
                        avg_ci_high=cell["ci_high"], avg_ci=cell["ci"])
         if method in delta.index:
-            row.update(delta_vs_grpo=delta.loc[method, "delta_avg"], delta_ci_low=delta.loc[method, "ci_low"],
-                       delta_ci_high=delta.loc[method, "ci_high"])
+            row.update(delta_vs_grpo=delta.loc[method, "delta_avg"], delta_vs_grpo_ci_low=delta.loc[method, "ci_low"],
+                       delta_vs_grpo_ci_high=delta.loc[method, "ci_high"])
         for name, _, _ in SUMMARIES:
             mean, low, high = mean_and_ci(summaries.loc[summaries["method"] == method, name])
             row.update({name: mean, f"{name}_ci_low": low, f"{name}_ci_high": high})
@@ -124,7 +127,7 @@ MARKDOWN = (("AVG %", "avg", 2), ("Δ vs GRPO", "delta_vs_grpo", 2), ("grad norm
             ("entropy", "entropy", 3), ("early acc", "early_accuracy", 3), ("1st val", "first_validation", 3),
             ("ECE", "ece", 3), ("Brier", "brier", 3),
             ("KL(student‖teacher)", "kl_to_teacher", 3), ("trust share", "trust_share", 3),
-            ("TRB budget", "trb_budget", 3), ("TRB realised KL", "trb_realised_kl", 4))
+            ("TRB budget", "trb_budget", 3), ("TRB realised KL", "trb_realised_kl", 4), ("TRB η", "trb_eta", 3))
 
 
 def family_markdown(table: pd.DataFrame) -> pd.DataFrame:
@@ -166,9 +169,11 @@ def write_table_and_figure(job: FamilyJob, aggregate_dir: Path, out_dir: Path) -
               f"seeds; early acc = training-rollout accuracy over steps [0, {family.early_steps}) (TRB: its behaviour "
               f"policy's rollouts); 1st val = the student's held-out mean@k at its first validation; ECE / Brier of "
               f"agreement confidence ({job.calibration_bins} bins; CI: bootstrap over problems); KL(student‖teacher) "
-              "= the k3 sampled estimate per completion token on the training rollouts (methods with an external "
-              "teacher); trust share = TrOPD's trust-region tokens; TRB budget / realised KL = the KL budget ε_k and "
-              "the realised KL(behaviour ‖ student) per generated token, over the steps with ε_k > 0. "
+              "= the k3 sampled estimate per completion token on the training rollouts the student sampled itself "
+              "(methods with an external teacher; TRB: once its budget is 0, as k3 assumes on-policy samples); "
+              "trust share = TrOPD's trust-region tokens; TRB budget / realised KL = the KL budget ε_k and "
+              "the realised KL(behaviour ‖ student) per generated token and the blend weight η (1 = the teacher's own "
+              "distribution), over the steps with ε_k > 0. "
               "n/a: the method does not log it")
     _write_markdown(family_markdown(table), tables, "opd_family", header)
     _family_figure(plt, job, table, curves, figures / "opd_family.png")
