@@ -147,3 +147,19 @@ def test_the_opd_family_target_trains_the_teacher_before_the_student(tmp_path):
     opd_jobs = [block for block in text.split("\n\n") if "--run-dir results/train/toy-small/opd/seed" in block]
     assert opd_jobs and all(json.dumps("results/train/toy-large/grpo/seed0/model") in block.replace("'", "")
                             or "toy-large/grpo/seed0/model" in block for block in opd_jobs)
+
+
+def test_a_method_only_setting_reruns_only_the_runs_of_that_method():
+    """Changing TRB's budget (or TrOPD's threshold, or guidance) changes the settings, hence the params, of the runs
+    that read it only: no other run, and no teacher check, which every run reads through its probe batch."""
+    before = plan_of()
+    changes = {"trb": ({"trb": {"kl_budget": 0.003}}, {"trb"}),
+               "tropd": ({"tropd": {"agreement_threshold": 0.3}}, {"tropd", "tropd_noguide"}),
+               "guidance": ({"guidance": {"prefix_tokens": 8}}, {"tropd"})}
+    for name, (train, readers) in changes.items():
+        after = plan_of(train=train)
+        changed = {run for run in after.family["methods"]
+                   if after.train_settings(run, 0) != before.train_settings(run, 0)}
+        assert changed == readers, name
+        assert all(after.teacher_gap_settings(model, "label") == before.teacher_gap_settings(model, "label")
+                   for model in after.models), name

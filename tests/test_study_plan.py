@@ -191,7 +191,7 @@ def test_an_external_teacher_is_an_input_of_its_runs_and_has_no_teacher_check():
     assert opd.teacher_contexts("toy-large") == ["label"]  # the probe's fixed batch only
     assert opd.train_settings("opd", 0)["teacher_model"] == "results/base/toy-large"
     assert "teacher_model" not in opd.train_settings("grpo", 0)
-    assert "teacher_model" not in opd.teacher_gap_settings("toy-small", "label")["train"]
+    assert not {"teacher_model", "tropd", "guidance", "trb"} & set(opd.teacher_gap_settings("toy-small", "label")["train"])
     assert opd.teacher_problem() is None
     trained = plan_of(methods=["opd"], train={"teacher_model": "results/train/toy-large/grpo/seed0/model"},
                       ablations=no_family)

@@ -294,8 +294,10 @@ class StudyPlan:
                         for name in ("gap", "probe_batch") if name in inputs)
 
     def teacher_gap_settings(self, model: str, context: str) -> dict:
-        return {"train": {**{k: v for k, v in self.config["train"].items()
-                             if k not in ("parallel", "teacher_model", "tropd")},
+        """The check samples the base and reads its self-teacher: it reads none of the train keys only some methods
+        read (those GRPO never reads: teacher_model, tropd, guidance, trb), so changing one reruns no check."""
+        method_only = {"parallel", *self.get_method("grpo").unused_train_keys}
+        return {"train": {**{k: v for k, v in self.config["train"].items() if k not in method_only},
                           "seed": 0, "thinking": self.config["thinking"]},
                 "teacher_check": self.teacher_check, "context": context, "model": model}
 
