@@ -9,6 +9,7 @@ import math
 import pandas as pd
 import pytest
 
+from conftest import REPO_ROOT
 from test_study_plan import plan_of
 from trace.opd_family import family_markdown, family_table, training_summaries
 from trace.report import t_quantile_95
@@ -163,3 +164,23 @@ def test_a_method_only_setting_reruns_only_the_runs_of_that_method():
         assert changed == readers, name
         assert all(after.teacher_gap_settings(model, "label") == before.teacher_gap_settings(model, "label")
                    for model in after.models), name
+
+
+SHIPPED_FAMILY = REPO_ROOT / "results" / "shipped" / "toy-opd-family"
+
+
+def test_the_shipped_family_cache_redraws_to_its_committed_table(tmp_path):
+    """results/shipped/toy-opd-family (the toy opd_family run's aggregate, 3 seeds): `redraw` gives its table byte for
+    byte and its figure; the README shows that table."""
+    from trace.cache import redraw
+
+    out = redraw(SHIPPED_FAMILY, tmp_path / "out")
+    for name in ("opd_family.md", "opd_family.csv"):
+        assert (out / "tables" / name).read_bytes() == (SHIPPED_FAMILY / "tables" / name).read_bytes(), name
+    assert (out / "figures" / "opd_family.png").stat().st_size > 50_000
+    table = pd.read_csv(SHIPPED_FAMILY / "tables" / "opd_family.csv", index_col="method")
+    assert set(table.index) == {"base", *plan_of().family["methods"]} and (table["n_seeds"].drop("base") == 3).all()
+    rows = [line for line in (SHIPPED_FAMILY / "tables" / "opd_family.md").read_text().splitlines()
+            if line.startswith("| ")]
+    shown = (REPO_ROOT / "docs" / "methods.md").read_text().splitlines()
+    assert rows and all(row in shown for row in rows), "re-copy the shipped opd_family table into docs/methods.md"

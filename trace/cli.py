@@ -112,9 +112,11 @@ def cmd_export_cache(args, cfg):
 
 
 def cmd_opd_family(args, job):
+    from trace.cache import export_family_cache
     from trace.opd_family import run
 
     run(job, [Path(p) for p in args.evals], [Path(p) for p in args.metrics], Path(args.out_dir))
+    export_family_cache(job, Path(args.out_dir) / "opd_family" / "aggregate", Path(args.cache_dir))
 
 
 def cmd_redraw(args, cfg):
@@ -144,7 +146,7 @@ STAGES = {
     "aggregate": (cmd_aggregate, settings.ReportJob, ["--evals*", "--metrics*", "--teacher-gaps*?", "--out-dir"]),
     "report": (cmd_report, settings.ReportJob, ["--aggregate-dir", "--out-dir"]),
     "export-cache": (cmd_export_cache, settings.ReportJob, ["--aggregate-dir", "--out-dir"]),
-    "opd-family": (cmd_opd_family, settings.FamilyJob, ["--evals*", "--metrics*", "--out-dir"]),
+    "opd-family": (cmd_opd_family, settings.FamilyJob, ["--evals*", "--metrics*", "--out-dir", "--cache-dir"]),
 }
 NO_TORCH = {"aggregate", "report", "export-cache", "redraw", "opd-family"}  # tables and figures only: no torch import
 

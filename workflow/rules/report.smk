@@ -109,6 +109,7 @@ if PLAN.family:
             metrics=PLAN.family_training_metrics(),
         output:
             **PLAN.family_outputs("results"),
+            cache=directory(f"results/cache/{STUDY}-opd-family"),  # redraw a copy: python -m trace redraw DIR
         params:
             cfg=as_arg(PLAN.family_settings()),
         resources:
@@ -117,4 +118,4 @@ if PLAN.family:
             "logs/opd_family.log",
         shell:
             "{PYTHON} -m trace opd-family --cfg {params.cfg} --evals {input.evals} --metrics {input.metrics}"
-            " --out-dir results > {log} 2>&1"
+            " --out-dir results --cache-dir {output.cache} > {log} 2>&1"
