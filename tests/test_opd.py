@@ -98,19 +98,24 @@ MASK = torch.tensor([[True, True, False], [True, False, False]])             # 3
 TARGETS = torch.tensor([[0, 2, 0], [1, 0, 0]])                               # sampled tokens
 
 
-def hand_batch(method: str, **kl) -> MicroBatch:
-    """A micro-batch whose student logits are log P (width 2) and whose teacher logits are log Q (width 4, its
-    own lm_head) at every position, λ = w0 = 0.5 (the default study's kl, entry_clip 0.05 included), temperature 1."""
-    settings = default_run(method, kl=kl, sampling={"temperature": 1.0})
+def micro_batch_on_p_and_q(settings, mask, targets, routed=None, guided=None) -> MicroBatch:
+    """A micro-batch of two rows × 3 positions whose student logits are log P (width 2) and whose teacher logits are
+    log Q (width 4, its own lm_head) at every position, λ = 0.5, token-mean over the ``mask`` tokens."""
     hidden = torch.tensor([1.0, 0.0]).expand(2, 3, 2).clone().requires_grad_()
     lm_head = torch.tensor([[math.log(p), 0.0] for p in P], requires_grad=True)
     teacher_hidden = torch.tensor([0.0, 1.0, 0.0, 0.0]).expand(2, 3, 4).clone()
     teacher_lm_head = torch.tensor([[0.0, math.log(q), 3.0, -3.0] for q in Q])
-    logp = losses.tokens_from_positions(torch.tensor(P).log()[TARGETS[MASK]], MASK).requires_grad_()
-    agg = dict(agg_mode="token-mean", global_tokens=torch.tensor(3.0), global_seqs=torch.tensor(2.0), max_len=3)
-    return MicroBatch(settings, METHODS[method], MASK, TARGETS, hidden, lm_head, logp, torch.tensor([1, 0]),
-                      RoutedMasks.from_spans(MASK, MASK, torch.zeros_like(MASK)), teacher_hidden, teacher_lm_head,
-                      0.5, 1.0, agg, None)
+    logp = losses.tokens_from_positions(torch.tensor(P).log()[targets[mask]], mask).requires_grad_()
+    agg = dict(agg_mode="token-mean", global_tokens=mask.sum().float(), global_seqs=torch.tensor(2.0), max_len=3)
+    return MicroBatch(settings, METHODS[settings.method], mask, targets, hidden, lm_head, logp, torch.tensor([1, 0]),
+                      routed, teacher_hidden, teacher_lm_head, 0.5, 1.0, agg, None, guided=guided)
+
+
+def hand_batch(method: str, **kl) -> MicroBatch:
+    """micro_batch_on_p_and_q for ``method`` on 3 tokens (the default study's kl, entry_clip 0.05 included),
+    temperature 1."""
+    settings = default_run(method, kl=kl, sampling={"temperature": 1.0})
+    return micro_batch_on_p_and_q(settings, MASK, TARGETS, RoutedMasks.from_spans(MASK, MASK, torch.zeros_like(MASK)))
 
 
 def metric(batch, name):

@@ -71,30 +71,30 @@ def test_profile_dry_run_lists_exactly_the_paper_grid(slurm_profile_home, materi
 
 def test_paper_tables_are_targets_of_their_own(slurm_profile_home, materialised_models):
     env = {"HOME": str(slurm_profile_home), "XDG_CONFIG_HOME": ""}
-    result = snakemake("mask_localisation", "-n", "--profile", "slurm", "--forceall", "--quiet", "rules",
-                       workdir=materialised_models, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def dry_run(target, *flags):
+        result = snakemake(target, "-n", "--profile", "slurm", "--forceall", *flags, workdir=materialised_models,
+                           env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
     # Qwen3-1.7B only: grpo, trace_fkl and the three masks; its base, its label teacher check and 6 evaluations
+    result = dry_run("mask_localisation", "--quiet", "rules")
     assert job_counts(result.stdout + result.stderr) == {
         "base_model": 1, "benchmark_data": 1, "train_data": 1, "teacher_gap": 1, "train": 5, "evaluate": 6,
         "mask_localisation": 1}
-    result = snakemake("annotator_tiers", "-n", "--profile", "slurm", "--forceall", "-p",
-                       workdir=materialised_models, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = dry_run("annotator_tiers", "-p")
     runs = sorted(line.split("--run-dir ")[1].split()[0] for line in result.stdout.splitlines() if "-m trace train" in line)
     assert runs == [f"results/train/qwen3-8b/{run}/seed0" for run in
                     ["grpo", "trace_fkl", "trace_fkl@frozen", "trace_fkl@self", "trace_fkl@static"]]
     frozen = next(line for line in result.stdout.splitlines() if "trace_fkl@frozen" in line and "-m trace train" in line)
     assert '"model": "results/base/qwen3-32b"' in frozen and '"train_source": "openthoughts"' in frozen
     # beyond the paper: the opd_family on Qwen3-1.7B from the Qwen3-8B base, 6 methods x 3 seeds
-    result = snakemake("opd_family", "-n", "--profile", "slurm", "--forceall", "--quiet", "rules",
-                       workdir=materialised_models, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = dry_run("opd_family", "--quiet", "rules")
     assert job_counts(result.stdout + result.stderr) == {
         "base_model": 2, "benchmark_data": 1, "train_data": 1, "teacher_gap": 1, "train": 18, "evaluate": 19,
         "opd_family": 1}
-    result = snakemake("opd_family", "-n", "--profile", "slurm", "--forceall", "-p", workdir=materialised_models,
-                       env=env)
+    result = dry_run("opd_family", "-p")
     trains = [line for line in result.stdout.splitlines() if "-m trace train" in line]
     external = [line for line in trains if any(f'"method": "{m}"' in line for m in ("opd", "tropd", "tropd_noguide", "trb"))]
     assert len(external) == 12 and all('"teacher_model": "results/base/qwen3-8b"' in line for line in external)

@@ -15,6 +15,7 @@ from trace.methods import METHODS
 from trace.router import agreement_region
 from trace.settings import default_run
 from trace.train.objectives import OBJECTIVES, MicroBatch
+from test_opd import P, Q, micro_batch_on_p_and_q
 
 
 def test_the_trust_region_is_where_the_teacher_gives_the_sampled_token_at_least_the_threshold():
@@ -53,7 +54,7 @@ def test_only_tropd_runs_carry_train_tropd():
 
 
 # ---------------------------------------------------------------------------------------------- the objective by hand
-P, Q = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]        # student, teacher at every position
+# student P and teacher Q at every position: test_opd.py's (λ = 0.5 there too)
 MASK = torch.tensor([[True, True, True], [True, False, False]])   # 4 completion tokens, 2 padding
 TARGETS = torch.tensor([[0, 2, 1], [1, 0, 0]])  # sampled: q(y) = 0.2, 0.6, 0.2 | 0.2
 K1 = [[math.log(0.5 / 0.2), math.log(0.2 / 0.6), math.log(0.3 / 0.2)], [math.log(0.3 / 0.2), 0.0, 0.0]]
@@ -68,14 +69,7 @@ def hand_batch(method: str = "tropd", guided=None, **tropd) -> MicroBatch:
     (the tokens sampled as 2) and the teacher's top-1 for the outlier FKL unless ``tropd`` says otherwise."""
     tropd = {"agreement_threshold": 0.3, "outlier_top_k": 1, **tropd}
     settings = default_run(method, tropd=tropd, sampling={"temperature": 1.0})
-    hidden = torch.tensor([1.0, 0.0]).expand(2, 3, 2).clone().requires_grad_()
-    lm_head = torch.tensor([[math.log(p), 0.0] for p in P], requires_grad=True)
-    teacher_hidden = torch.tensor([0.0, 1.0, 0.0, 0.0]).expand(2, 3, 4).clone()
-    teacher_lm_head = torch.tensor([[0.0, math.log(q), 3.0, -3.0] for q in Q])
-    logp = losses.tokens_from_positions(torch.tensor(P).log()[TARGETS[MASK]], MASK).requires_grad_()
-    agg = dict(agg_mode="token-mean", global_tokens=torch.tensor(4.0), global_seqs=torch.tensor(2.0), max_len=3)
-    return MicroBatch(settings, METHODS[method], MASK, TARGETS, hidden, lm_head, logp, torch.tensor([1, 0]), None,
-                      teacher_hidden, teacher_lm_head, LAM, 1.0, agg, None, guided=guided)
+    return micro_batch_on_p_and_q(settings, MASK, TARGETS, guided=guided)
 
 
 def advantages_and_loss(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
